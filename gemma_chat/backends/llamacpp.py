@@ -1,0 +1,355 @@
+"""The llama.cpp backend, on llama-cpp-python: GGUF models on CPU, CUDA or Metal.
+
+We drive the token loop ourselves (``Llama.eval`` + a llama.cpp sampler chain) instead of
+``create_completion``, which re-detokenizes the whole reply after every token, and never set
+``logits_all`` (it allocates n_ctx x 262k floats). Text is produced by an incremental
+detokenizer: each token's bytes go through an incremental UTF-8 decoder, so a character split
+across byte-fallback tokens is held back until it is complete.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from ..errors import BackendError, ContextOverflow, InvalidArgument, missing_extra
+from ..gguf_file import check_gemma, read_gguf
+from ..template import END_OF_TURN
+from .base import Chunk, ModelInfo, Prompt, SamplingParams, Stats
+
+DEFAULT_MAX_CTX = 8192  # a Gemma 3 model's 128k context would allocate many GB of KV cache
+_RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+
+try:
+    import llama_cpp
+    from llama_cpp import _internals
+except ImportError:  # pragma: no cover - exercised where the extra is missing
+    llama_cpp = None
+
+
+def default_threads() -> int:
+    """Every core this process may run on (llama-cpp-python's own default is half of them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def _quiet_logs(verbose: bool) -> None:
+    """Route llama.cpp's log lines to stderr only when verbose (``GEMMA_DEBUG`` or ``-v``)."""
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):  # noqa: ARG001
+        if verbose:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    _quiet_logs.callback = callback  # keep a reference: llama.cpp holds a raw pointer
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _sampling_from_metadata(meta: Mapping[str, object]) -> dict[str, float]:
+    """A GGUF's own recommended sampling (``general.sampling.*``), where it ships one."""
+    keys = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+            "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p"}
+    return {ours: meta[k] for k, ours in keys.items() if isinstance(meta.get(k), (int, float))}
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text out, O(1) per token: bytes of a multi-byte UTF-8 character split
+    across tokens are held back until the character is complete."""
+
+    def __init__(self, piece):
+        self._piece = piece
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._piece(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class LlamaCppBackend:
+    """A GGUF model loaded in llama.cpp, with one sequence whose KV cache persists."""
+
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        resolved,
+        *,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        gpu_layers: int | None = None,
+        n_batch: int = 512,
+        verbose: bool = False,
+    ):
+        if llama_cpp is None:
+            raise missing_extra("llama-cpp-python", "llama")
+        self.resolved = resolved
+        path = Path(resolved.path)
+        gguf = check_gemma(read_gguf(path))  # refuse bad files before llama.cpp can abort
+        n_ctx_train = gguf.context_length or DEFAULT_MAX_CTX
+        if n_ctx is None:
+            n_ctx = min(n_ctx_train, DEFAULT_MAX_CTX)
+        if n_ctx < 16:
+            raise InvalidArgument(f"invalid context size {n_ctx}: must be at least 16")
+        if n_ctx > n_ctx_train:
+            raise InvalidArgument(
+                f"--ctx {n_ctx} is more than the model's context length ({n_ctx_train})"
+            )
+        if threads is not None and threads < 1:
+            raise InvalidArgument(f"invalid thread count {threads}: must be >= 1")
+        threads = threads or default_threads()
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if gpu_layers is None:
+            gpu_layers = -1 if offload else 0
+        _quiet_logs(verbose)
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=min(n_batch, n_ctx),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=gpu_layers,
+                logits_all=False,
+                verbose=verbose,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendError(f"llama.cpp could not load {path.name}: {exc}") from None
+        model = self._llm._model
+        # llama.cpp pads the context it allocates; llama-cpp-python's token buffer keeps the
+        # size asked for. The smaller of the two is what a sequence can really hold.
+        self._n_ctx = min(self._llm.n_ctx(), len(self._llm.input_ids))
+        self._vocab = model.vocab
+        self._ctx = self._llm._ctx
+        self._n_vocab = model.n_vocab()
+        self._cancel = threading.Event()
+        self._pieces: dict[int, bytes] = {}
+        eot = self.tokenize(END_OF_TURN)
+        self._eot = eot[0] if len(eot) == 1 else None
+        self._eos = model.token_eos()
+        if offload and gpu_layers != 0:
+            device = "metal" if sys.platform == "darwin" else "gpu"
+        else:
+            device = "cpu"
+        self.info = ModelInfo(
+            name=resolved.name,
+            path=path,
+            backend=self.name,
+            architecture=gguf.architecture,
+            quantization=gguf.quantization,
+            n_ctx=self._n_ctx,
+            n_ctx_train=n_ctx_train,
+            n_vocab=self._n_vocab,
+            n_params=model.n_params(),
+            instruction_tuned=resolved.instruction_tuned,
+            bos_id=model.token_bos(),
+            eos_id=self._eos,
+            end_of_turn_id=self._eot,
+            device=device,
+            threads=threads,
+            gpu_layers=gpu_layers if offload else 0,
+            sampling_defaults=_sampling_from_metadata(gguf.metadata),
+        )
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        if not text:
+            return []
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (control tokens give b""), cached: the vocabulary is fixed."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, False)
+                if n >= 0:
+                    cached = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[token] = cached
+        return cached
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
+
+    # -- the KV cache -----------------------------------------------------------------------
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        return self._llm._input_ids.tolist()
+
+    def trim_cache(self, n_tokens: int) -> None:
+        n_tokens = max(0, min(n_tokens, self._llm.n_tokens))
+        if not self._ctx.kv_cache_seq_rm(-1, n_tokens, -1):
+            n_tokens = 0
+            self._ctx.kv_cache_clear()
+        self._llm.n_tokens = n_tokens
+
+    def save_state(self, path: Path) -> None:
+        """Write the KV cache of sequence 0 and its token ids (llama.cpp's lean state file)."""
+        ids = self.cached_tokens
+        arr = (llama_cpp.llama_token * len(ids))(*ids)
+        written = llama_cpp.llama_state_seq_save_file(
+            self._ctx.ctx, str(path).encode(), 0, arr, len(ids))
+        if written == 0:
+            raise BackendError(f"could not write the KV state to {path}")
+
+    def load_state(self, path: Path) -> list[int]:
+        cap = self._n_ctx
+        arr = (llama_cpp.llama_token * cap)()
+        count = ctypes.c_size_t(0)
+        self._ctx.kv_cache_clear()
+        read = llama_cpp.llama_state_seq_load_file(
+            self._ctx.ctx, str(path).encode(), 0, arr, cap, ctypes.byref(count))
+        if read == 0:
+            self._llm.n_tokens = 0
+            raise BackendError(f"{path} is not a KV state of this model and context")
+        ids = list(arr[: count.value])
+        self._llm.input_ids[: len(ids)] = ids
+        self._llm.n_tokens = len(ids)
+        return ids
+
+    # -- generation -------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _sampler(self, sp: SamplingParams, logit_bias, history: Sequence[int]):
+        chain = _internals.LlamaSampler()
+        names = []
+        if logit_bias:
+            chain.add_logit_bias(self._n_vocab, dict(logit_bias))
+            names.append("logit_bias")
+        if sp.repeat_penalty != 1.0 and sp.repeat_last_n:
+            chain.add_penalties(self._n_vocab, sp.repeat_last_n, sp.repeat_penalty, 0.0, 0.0)
+            names.append(f"repeat_penalty={sp.repeat_penalty}/{sp.repeat_last_n}")
+            for token in history[-sp.repeat_last_n:]:
+                chain.accept(token)  # the penalty window covers the prompt too
+        if sp.greedy:
+            chain.add_greedy()
+            names.append("greedy")
+        else:
+            if sp.top_k > 0:
+                chain.add_top_k(sp.top_k)
+                names.append(f"top_k={sp.top_k}")
+            if sp.top_p < 1.0:
+                chain.add_top_p(sp.top_p, 1)
+                names.append(f"top_p={sp.top_p}")
+            if sp.min_p > 0.0:
+                chain.add_min_p(sp.min_p, 1)
+                names.append(f"min_p={sp.min_p}")
+            chain.add_temp(sp.temperature)
+            chain.add_dist(_RANDOM_SEED if sp.seed is None else sp.seed)
+            names.append(f"temp={sp.temperature}")
+            names.append(f"dist(seed={'random' if sp.seed is None else sp.seed})")
+        return chain, " > ".join(names)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        *,
+        ignore_eos: bool = False,
+        logit_bias: Mapping[int, float] | None = None,
+        stop_ids: Sequence[int] | None = None,
+    ) -> Iterator[Chunk]:
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        n_ctx = self._n_ctx
+        if not ids:
+            raise InvalidArgument("the prompt is empty")
+        if len(ids) >= n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(ids)} tokens and the context holds {n_ctx}; "
+                f"shorten it or raise --ctx (the model allows {self.info.n_ctx_train})"
+            )
+        bad = [t for t in ids if not 0 <= t < self._n_vocab]
+        if bad:
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary")
+        return self._generate(ids, sampling, ignore_eos, logit_bias, stop_ids)
+
+    def _generate(self, ids, sp, ignore_eos, logit_bias, stop_ids) -> Iterator[Chunk]:
+        llm = self._llm
+        self._cancel.clear()
+        stops = set(stop_ids or ())
+        if not ignore_eos:
+            stops.add(self._eos)
+            if self._eot is not None:
+                stops.add(self._eot)
+        t_start = time.perf_counter()
+
+        # KV reuse: keep the longest common prefix with what the cache holds, and evaluate the
+        # rest. At least one token is evaluated, to have fresh logits to sample from.
+        cached = llm._input_ids
+        lcp = 0
+        for a, b in zip(cached.tolist(), ids):
+            if a != b:
+                break
+            lcp += 1
+        lcp = min(lcp, len(ids) - 1)
+        self.trim_cache(lcp)
+        reused = llm.n_tokens
+        stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused)
+        chain, stats.sampler = self._sampler(sp, logit_bias, ids)
+
+        llm.eval(ids[reused:])
+        stats.prefill_s = time.perf_counter() - t_start
+        detok = IncrementalDetokenizer(self.piece)
+        n_ctx = self._n_ctx
+        limit = sp.max_tokens
+        generated = stats.token_ids
+        t_first = None
+        sample, push = chain.sample, detok.push
+        try:
+            while True:
+                if self._cancel.is_set():
+                    stats.stop_reason = "cancelled"
+                    break
+                if llm.n_tokens >= n_ctx:  # prompt + reply always fit in the context
+                    stats.stop_reason = "context"
+                    break
+                token = sample(self._ctx, -1)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.ttft_s = t_first - t_start
+                if token in stops:
+                    stats.stop_reason, stats.stop_token = "stop", token
+                    break
+                generated.append(token)
+                text = push(token)
+                if text:
+                    yield Chunk(text, (token,))
+                if limit is not None and len(generated) >= limit:
+                    stats.stop_reason = "length"
+                    break
+                llm.eval([token])
+        finally:
+            chain.close()
+        stats.generated_tokens = len(generated)
+        if t_first is not None:
+            stats.decode_s = time.perf_counter() - t_first
+        yield Chunk(detok.flush(), (), stats)
+
+    def close(self) -> None:
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.close()
+            self._llm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,244 @@
+"""The ``gemma`` command line: each command parses, calls one library function, prints.
+
+Errors from the library arrive typed (:mod:`gemma_chat.errors`) and leave here as one line on
+stderr and an exit code; ``GEMMA_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+from . import __version__
+from .errors import GemmaChatError, Interrupted
+
+app = typer.Typer(
+    name="gemma",
+    help="Talk to Google's Gemma models on your own machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# -- options shared by several commands -----------------------------------------------------
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m",
+    help="Catalogue name or alias (2b-it), Hugging Face repo id, or a path to a .gguf file or "
+         "a model folder.")]
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto, llama.cpp or mlx.")]
+CtxOpt = Annotated[int | None, typer.Option("--ctx", "-c", help="Context size in tokens "
+                                               "[default: min(the model's, 8192)].")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t",
+                                                   help="CPU threads [default: every core].")]
+TempOpt = Annotated[float | None, typer.Option("--temp", help="Temperature; 0 is greedy "
+                                                  "[default: the model's, else 1.0].")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Top-k; 0 is off [default: 64].")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Top-p; 1 is off "
+                                                  "[default: 0.95].")]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Min-p; 0 is off [default: 0].")]
+RepeatOpt = Annotated[float | None, typer.Option("--repeat-penalty",
+                                                    help="Repeat penalty; 1 is off [default: 1].")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed [default: random].")]
+MaxTokOpt = Annotated[int | None, typer.Option(
+    "--max-tokens", "-n",
+    help="Stop after this many tokens [default: until the model stops; 256 for pretrained "
+         "models, which rarely stop on their own].")]
+SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (folded "
+                                                  "into the first user turn: Gemma has no "
+                                                  "system role).")]
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gemma-chat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Talk to Google's Gemma models on your own machine."""
+
+
+@app.command()
+def run(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; stdin is appended after "
+                                                    "a blank line.")] = None,
+    model: ModelOpt = "gemma-3-270m",
+    backend: BackendOpt = "auto",
+    system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Send the prompt as raw text, without the chat template (the default for "
+                      "pretrained models).")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Use the chat template even for a "
+                                       "pretrained model.")] = False,
+    temp: TempOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text "
+                                          "and the stats.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
+                                          "to stderr.")] = False,
+) -> None:
+    """Answer one prompt, streaming the reply to stdout."""
+    from . import run as runmod
+    from .backends import formats_for, load_backend
+    from .resolve import resolve
+
+    if raw and chat:
+        raise click.UsageError("--raw and --chat exclude each other")
+    stdin_text = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    text = runmod.compose(prompt, stdin_text)
+    overrides = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
+    # Validate the flags before spending seconds on loading the model.
+    runmod.check_overrides(overrides)
+    resolved = resolve(model, formats_for(backend))
+    engine = load_backend(resolved, backend, n_ctx=ctx, threads=threads,
+                          verbose=bool(os.environ.get("GEMMA_DEBUG")))
+    try:
+        use_chat = chat or (resolved.instruction_tuned and not raw)
+        ids = runmod.prompt_ids(engine, text, chat=use_chat, system=system)
+        sampling = runmod.default_sampling(engine, chat=use_chat, **overrides)
+        if verbose:
+            _print_info(engine.info, use_chat, sampling)
+        write = (lambda s: None) if as_json else _stdout_writer()
+        out, stats = runmod.run(engine, ids, sampling, write)
+        if as_json:
+            typer.echo(json.dumps({
+                "model": engine.info.name, "backend": engine.info.backend,
+                "prompt_format": "chat" if use_chat else "raw", "text": out,
+                "sampling": sampling.to_dict(), "stats": stats.to_dict(),
+            }, ensure_ascii=False))
+        elif out and not out.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        if verbose:
+            _print_stats(stats)
+    finally:
+        engine.close()
+
+
+def _stdout_writer():
+    out = sys.stdout
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    return write
+
+
+def _print_info(info, chat: bool, sampling) -> None:
+    err = _stderr()
+    err.print(f"[dim]model   {info.name} ({info.architecture}, {info.quantization}, "
+              f"{info.n_params / 1e6:.0f}M params) {info.path}[/dim]")
+    err.print(f"[dim]backend {info.backend} on {info.device}, {info.threads} threads, "
+              f"context {info.n_ctx} of {info.n_ctx_train}[/dim]")
+    err.print(f"[dim]prompt  {'Gemma chat template' if chat else 'raw text'}; "
+              f"sampling {sampling.to_dict()}[/dim]")
+
+
+def _print_stats(stats) -> None:
+    _stderr().print(
+        f"[dim]prompt {stats.prompt_tokens} tokens ({stats.prompt_eval_tokens} evaluated, "
+        f"{stats.prefill_tps:.1f} t/s) | generated {stats.generated_tokens} tokens "
+        f"({stats.decode_tps:.1f} t/s) | ttft {stats.ttft_s * 1000:.0f} ms | "
+        f"stop: {stats.stop_reason} | sampler: {stats.sampler}[/dim]"
+    )
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the catalogue as JSON.")] = False,
+) -> None:
+    """List the Gemma models in the catalogue, and which are on disk."""
+    from . import catalog
+    from .resolve import on_disk
+
+    specs = catalog.load().specs
+    rows = [(spec, on_disk(spec)) for spec in specs]
+    if as_json:
+        typer.echo(json.dumps([{**spec.to_dict(), "on_disk": disk} for spec, disk in rows],
+                              indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Gemma models", title_justify="left")
+    for col, kw in (("name", {"style": "bold"}), ("aliases", {}), ("params", {"justify": "right"}),
+                    ("context", {"justify": "right"}), ("type", {}), ("weights", {}),
+                    ("on disk", {})):
+        table.add_column(col, **kw)
+    for spec, disk in rows:
+        weights = [b for b, has in (("gguf", spec.gguf), ("mlx", spec.mlx)) if has]
+        table.add_row(spec.name, ", ".join(spec.aliases), spec.params, f"{spec.context:,}",
+                      spec.tuned.upper(), ", ".join(weights), ", ".join(disk) or "-")
+    Console().print(table)
+
+
+def _interrupted() -> int:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    print("\ninterrupted", file=sys.stderr)
+    return Interrupted.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gemma`` script; returns the exit code."""
+    command = typer.main.get_command(app)
+    debug = bool(os.environ.get("GEMMA_DEBUG"))
+    try:
+        result = command.main(args=argv, prog_name="gemma", standalone_mode=False)
+        if result == Interrupted.exit_code:  # Typer turns Ctrl-C into a returned 130
+            return _interrupted()
+        return result if isinstance(result, int) else 0
+    except GemmaChatError as exc:
+        if debug:
+            raise
+        sys.stdout.flush()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help())
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        return _interrupted()
+    except BrokenPipeError:
+        # `gemma run ... | head -1`: the reader left; not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # the last line of defence: never a traceback by default
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (set GEMMA_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,80 @@
+"""``gemma run``: one prompt in, one streamed answer out.
+
+    backend = load_backend(resolve("gemma-3-270m"))
+    ids = prompt_ids(backend, "The capital of France is", chat=False)
+    text, stats = run(backend, ids, SamplingParams(temperature=0), sys.stdout.write)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from . import template
+from .backends.base import Backend, SamplingParams, Stats, apply_model_defaults
+from .errors import InvalidArgument
+
+#: A pretrained (base) model never ends its turn on its own: without --max-tokens, stop here.
+PT_DEFAULT_MAX_TOKENS = 256
+
+
+def compose(prompt: str | None, stdin_text: str | None) -> str:
+    """The prompt argument, then a blank line, then stdin (either may be missing)."""
+    parts = [p for p in (prompt, stdin_text) if p is not None and p.strip()]
+    text = "\n\n".join(p.strip("\n") if i else p for i, p in enumerate(parts))
+    if not text.strip():
+        raise InvalidArgument("the prompt is empty: give it as an argument or on stdin")
+    return text
+
+
+def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = None) -> list[int]:
+    """Token ids for ``text``: in Gemma's chat template when ``chat``, else as raw text.
+
+    Raw text gets the model's BOS unless it already starts with ``<bos>``. Either way the
+    ids hold exactly one BOS.
+    """
+    if chat:
+        messages = [{"role": "user", "content": text}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return backend.tokenize(template.render(messages))
+    if system:
+        raise InvalidArgument("--system needs the chat template (drop --raw, or use an IT model)")
+    ids = backend.tokenize(text)
+    bos = backend.info.bos_id
+    return ids if ids[:1] == [bos] else [bos, *ids]
+
+
+def default_sampling(backend: Backend, *, chat: bool, **overrides: object) -> SamplingParams:
+    """Gemma's defaults, then the model's own generation config, then the user's flags."""
+    base = apply_model_defaults(SamplingParams(), backend.info.sampling_defaults)
+    if not chat and overrides.get("max_tokens") is None:
+        overrides["max_tokens"] = PT_DEFAULT_MAX_TOKENS
+    try:
+        return base.with_overrides(**overrides)
+    except TypeError as exc:  # an unknown override name is a programming error
+        raise InvalidArgument(str(exc)) from None
+
+
+def check_overrides(overrides: dict[str, object]) -> None:
+    """Validate sampling flags before a model is loaded (raises :class:`InvalidArgument`)."""
+    SamplingParams().with_overrides(**overrides)
+
+
+def run(
+    backend: Backend,
+    ids: Sequence[int],
+    sampling: SamplingParams,
+    write: Callable[[str], object],
+    **options: object,
+) -> tuple[str, Stats]:
+    """Stream a generation into ``write``; return the full text and the stats."""
+    pieces: list[str] = []
+    stats = None
+    for chunk in backend.stream(ids, sampling, **options):
+        if chunk.text:
+            pieces.append(chunk.text)
+            write(chunk.text)
+        if chunk.stats is not None:
+            stats = chunk.stats
+    assert stats is not None, "a backend stream must end with a stats chunk"
+    return "".join(pieces), stats

