@@ -102,8 +102,6 @@ def run(
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
     from . import run as runmod
-    from .backends import formats_for, load_backend
-    from .resolve import resolve
 
     if raw and chat:
         raise click.UsageError("--raw and --chat exclude each other")
@@ -111,15 +109,13 @@ def run(
     text = runmod.compose(prompt, stdin_text)
     overrides = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                      repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
-    # Validate the flags before spending seconds on loading the model.
-    runmod.check_overrides(overrides)
-    resolved = resolve(model, formats_for(backend))
-    engine = load_backend(resolved, backend, n_ctx=ctx, threads=threads,
-                          verbose=bool(os.environ.get("GEMMA_DEBUG")))
+    runmod.check_overrides(overrides)  # before spending seconds on loading the model
+    resolved, engine = _load(model, backend, ctx, threads, spinner=False)
     try:
         use_chat = chat or (resolved.instruction_tuned and not raw)
         ids = runmod.prompt_ids(engine, text, chat=use_chat, system=system)
-        sampling = runmod.default_sampling(engine, chat=use_chat, **overrides)
+        capped = not (use_chat and resolved.instruction_tuned)
+        sampling = runmod.default_sampling(engine, capped=capped, **overrides)
         if verbose:
             _print_info(engine.info, use_chat, sampling)
         write = (lambda s: None) if as_json else _stdout_writer()
@@ -135,6 +131,85 @@ def run(
         sys.stdout.flush()
         if verbose:
             _print_stats(stats)
+    finally:
+        engine.close()
+
+
+def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinner: bool):
+    """Resolve and load a model; a spinner on stderr while it loads, when asked and on a tty."""
+    import time
+
+    from .backends import ensure_available, formats_for, load_backend
+    from .resolve import resolve
+
+    ensure_available(backend)
+    resolved = resolve(model, formats_for(backend))
+    debug = bool(os.environ.get("GEMMA_DEBUG"))
+    start = time.perf_counter()
+    if spinner and sys.stderr.isatty():
+        with _stderr().status(f"loading {resolved.name} ({backend} backend)"):
+            engine = load_backend(resolved, backend, n_ctx=ctx, threads=threads, verbose=debug)
+    else:
+        engine = load_backend(resolved, backend, n_ctx=ctx, threads=threads, verbose=debug)
+    engine.load_s = time.perf_counter() - start
+    return resolved, engine
+
+
+def _default_chat_model() -> tuple[str, str]:
+    """``2b-it`` when it is on disk, else the bundled demo model; never a download."""
+    from . import catalog
+    from .resolve import on_disk
+
+    if on_disk(catalog.get("2b-it")):
+        return "2b-it", "Gemma 2 2B IT, found on disk"
+    return "gemma-3-270m", "the bundled demo model"
+
+
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="As for `gemma run` [default: 2b-it when it is on disk, else the "
+                              "bundled gemma-3-270m].")] = None,
+    backend: BackendOpt = "auto",
+    system: SystemOpt = None,
+    temp: TempOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Chat with a model: replies stream as they are generated."""
+    from . import repl
+    from . import run as runmod
+    from .chat import Conversation
+
+    overrides = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
+    runmod.check_overrides(overrides)
+    err = _stderr()
+    if model is None:
+        model, why = _default_chat_model()
+        err.print(f"[dim]using {model} ({why})[/dim]")
+    resolved, engine = _load(model, backend, ctx, threads, spinner=True)
+    try:
+        info = engine.info
+        err.print(f"[dim]{info.name}: {info.architecture}, {info.quantization}, "
+                  f"{info.backend} on {info.device}, context {info.n_ctx}, "
+                  f"loaded in {engine.load_s:.1f} s. /help for commands.[/dim]")
+        pretrained = not resolved.instruction_tuned
+        sampling = runmod.default_sampling(engine, capped=pretrained, **overrides)
+        if pretrained:
+            err.print(f"[yellow]{info.name} is a pretrained (base) model, not trained to chat: "
+                      f"expect it to ramble, and replies stop after {sampling.max_tokens} "
+                      f"tokens.[/yellow]")
+        interactive = sys.stdin.isatty()
+        lines = repl.terminal_lines() if interactive else repl.stream_lines(sys.stdin)
+        repl.chat_loop(engine, Conversation(engine, system=system), sampling, lines,
+                       note=lambda s: err.print(s, markup=False, style="dim"))
     finally:
         engine.close()
 

@@ -44,10 +44,14 @@ def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = 
     return ids if ids[:1] == [bos] else [bos, *ids]
 
 
-def default_sampling(backend: Backend, *, chat: bool, **overrides: object) -> SamplingParams:
-    """Gemma's defaults, then the model's own generation config, then the user's flags."""
+def default_sampling(backend: Backend, *, capped: bool, **overrides: object) -> SamplingParams:
+    """Gemma's defaults, then the model's own generation config, then the user's flags.
+
+    ``capped``: a pretrained model or a raw prompt, which rarely stops on its own; without
+    ``max_tokens`` it stops after :data:`PT_DEFAULT_MAX_TOKENS`.
+    """
     base = apply_model_defaults(SamplingParams(), backend.info.sampling_defaults)
-    if not chat and overrides.get("max_tokens") is None:
+    if capped and overrides.get("max_tokens") is None:
         overrides["max_tokens"] = PT_DEFAULT_MAX_TOKENS
     try:
         return base.with_overrides(**overrides)

@@ -179,6 +179,15 @@ def test_help_and_version_do_not_import_inference_libraries():
     assert version.returncode == 0 and version.stdout.startswith("gemma-chat ")
 
 
+def test_backend_without_its_library_names_the_pip_install():
+    import importlib.util
+
+    if importlib.util.find_spec("mlx_lm") is not None:
+        pytest.skip("mlx-lm is installed here")
+    assert_clean_error(run_gemma("run", "--backend", "mlx", "Hi"),
+                       "pip install 'gemma-chat[mlx]'")
+
+
 def test_missing_extra_names_the_pip_install(tmp_path):
     # Hide llama_cpp from the import system: the error must say which extra to install.
     code = ("import sys; sys.modules['llama_cpp'] = None; "

@@ -16,7 +16,7 @@ from ..errors import InvalidArgument, InvalidModelFile, MissingDependency, missi
 from .base import Backend, Chunk, ModelInfo, SamplingParams, Stats
 
 __all__ = ["Backend", "Chunk", "ModelInfo", "SamplingParams", "Stats", "BACKENDS", "load_backend",
-           "choose", "formats_for"]
+           "choose", "ensure_available", "formats_for"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,18 @@ def normalize(requested: str) -> str:
     return name
 
 
+def ensure_available(requested: str) -> None:
+    """Fail early, with the ``pip install`` that fixes it, for a named backend that is missing."""
+    name = normalize(requested)
+    if name == "auto":
+        return
+    entry = BACKENDS[name]
+    if not _installed(entry):
+        raise missing_extra(entry.package, entry.extra)
+    if not _implemented(entry):
+        raise MissingDependency(f"the {entry.name} backend is not part of this gemma-chat version")
+
+
 def formats_for(requested: str) -> tuple[str, ...]:
     """The weight formats to look for, most preferred first, for a ``--backend`` value."""
     name = normalize(requested)
@@ -85,10 +97,7 @@ def choose(requested: str, fmt: str) -> BackendEntry:
             f"the {entry.name} backend needs an MLX model folder, and this is a GGUF file: "
             f"convert it with `gemma convert PATH.gguf --to mlx`, or use --backend llama.cpp"
         )
-    if not _installed(entry):
-        raise missing_extra(entry.package, entry.extra)
-    if not _implemented(entry):
-        raise MissingDependency(f"the {entry.name} backend is not part of this gemma-chat version")
+    ensure_available(entry.name)
     return entry
 
 

@@ -174,8 +174,8 @@ class Backend(Protocol):
         With ``special``, control-token text such as ``<start_of_turn>`` becomes its single id.
         """
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Text of ``ids`` (control tokens render as nothing)."""
+    def detokenize(self, ids: Sequence[int], *, special: bool = False) -> str:
+        """Text of ``ids``; control tokens render as nothing unless ``special``."""
 
     def stream(
         self,

@@ -182,8 +182,12 @@ class LlamaCppBackend:
             self._pieces[token] = cached
         return cached
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
+    def detokenize(self, ids: Sequence[int], *, special: bool = False) -> str:
+        if special:
+            raw = self._llm.detokenize(list(ids), special=True)
+        else:
+            raw = b"".join(self.piece(t) for t in ids)
+        return raw.decode("utf-8", errors="replace")
 
     # -- the KV cache -----------------------------------------------------------------------
 
