@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import click
@@ -142,6 +143,10 @@ def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinne
     from .backends import ensure_available, formats_for, load_backend
     from .resolve import resolve
 
+    if backend == "auto":
+        from . import config
+
+        backend = config.get("default-backend") or "auto"
     ensure_available(backend)
     resolved = resolve(model, formats_for(backend))
     debug = bool(os.environ.get("GEMMA_DEBUG"))
@@ -156,10 +161,14 @@ def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinne
 
 
 def _default_chat_model() -> tuple[str, str]:
-    """``2b-it`` when it is on disk, else the bundled demo model; never a download."""
-    from . import catalog
+    """The configured default, else ``2b-it`` when it is on disk, else the bundled demo model;
+    never a download."""
+    from . import catalog, config
     from .resolve import on_disk
 
+    configured = config.get("default-model")
+    if configured:
+        return configured, "the configured default-model"
     if on_disk(catalog.get("2b-it")):
         return "2b-it", "Gemma 2 2B IT, found on disk"
     return "gemma-3-270m", "the bundled demo model"
@@ -168,8 +177,8 @@ def _default_chat_model() -> tuple[str, str]:
 @app.command()
 def chat(
     model: Annotated[str | None, typer.Option(
-        "--model", "-m", help="As for `gemma run` [default: 2b-it when it is on disk, else the "
-                              "bundled gemma-3-270m].")] = None,
+        "--model", "-m", help="As for `gemma run` [default: the configured default-model, else "
+                              "2b-it when it is on disk, else the bundled gemma-3-270m].")] = None,
     backend: BackendOpt = "auto",
     system: SystemOpt = None,
     temp: TempOpt = None,
@@ -181,16 +190,38 @@ def chat(
     max_tokens: MaxTokOpt = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
+    plain: Annotated[bool, typer.Option("--plain", help="Plain text replies, no Markdown "
+                                        "rendering (the default when stdout is not a "
+                                        "terminal).")] = False,
+    resume: Annotated[str | None, typer.Option(
+        "--resume", "-r", help="Continue a conversation: a file saved with /save, an autosave "
+                               "file, or `last`.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List recent conversations and "
+                                        "exit.")] = False,
+    no_autosave: Annotated[bool, typer.Option("--no-autosave", help="Do not append turns to "
+                                              "the conversation history.")] = False,
 ) -> None:
     """Chat with a model: replies stream as they are generated."""
-    from . import repl
+    from . import repl, sessions
     from . import run as runmod
     from .chat import Conversation
 
+    if list_:
+        _list_conversations()
+        return
     overrides = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                      repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
     runmod.check_overrides(overrides)
     err = _stderr()
+    saved = None
+    if resume:
+        path = sessions.recent(1)[0] if resume == "last" and sessions.recent(1) else None
+        if resume == "last" and path is None:
+            raise click.UsageError("there is no conversation to resume yet")
+        saved = sessions.load(path or Path(resume))
+        if model is None and saved.model:
+            saved_path = Path(str(saved.model.get("path", "")))
+            model = str(saved_path) if saved_path.exists() else str(saved.model.get("name"))
     if model is None:
         model, why = _default_chat_model()
         err.print(f"[dim]using {model} ({why})[/dim]")
@@ -204,14 +235,92 @@ def chat(
         sampling = runmod.default_sampling(engine, capped=pretrained, **overrides)
         if pretrained:
             err.print(f"[yellow]{info.name} is a pretrained (base) model, not trained to chat: "
-                      f"expect it to ramble, and replies stop after {sampling.max_tokens} "
+                      f"expect it to ramble; replies stop after {sampling.max_tokens} "
                       f"tokens.[/yellow]")
+
+        def load_model(name: str):
+            return _load(name, backend, ctx, threads, spinner=True)[1]
+
         interactive = sys.stdin.isatty()
-        lines = repl.terminal_lines() if interactive else repl.stream_lines(sys.stdin)
-        repl.chat_loop(engine, Conversation(engine, system=system), sampling, lines,
-                       note=lambda s: err.print(s, markup=False, style="dim"))
+        rich_out = not plain and sys.stdout.isatty()
+        renderer = repl.MarkdownRenderer() if rich_out else repl.PlainRenderer()
+        app_ = repl.ChatApp(
+            engine, Conversation(engine, system=system), sampling, renderer=renderer,
+            note=lambda s: err.print(s, markup=False, style="dim"), load_model=load_model,
+            autosave=None if no_autosave else sessions.Autosave())
+        if saved is not None:
+            if system is not None:
+                saved.system = system
+            err.print(f"[dim]{app_.restore(saved)}[/dim]")
+        lines = repl.terminal_lines(app_) if interactive else repl.stream_lines(sys.stdin)
+        try:
+            app_.run(lines)
+        finally:
+            app_.backend.close()  # /model may have replaced the engine
     finally:
         engine.close()
+
+
+def _list_conversations() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import sessions
+
+    table = Table(title="Recent conversations (gemma chat --resume FILE)", title_justify="left")
+    for col in ("file", "model", "turns", "started with"):
+        table.add_column(col)
+    for path in sessions.recent():
+        try:
+            saved = sessions.load(path)
+        except GemmaChatError:
+            continue
+        first = saved.exchanges[0].user if saved.exchanges else ""
+        table.add_row(str(path), str(saved.model.get("name", "?")), str(len(saved.exchanges)),
+                      first[:40] + ("..." if len(first) > 40 else ""))
+    Console().print(table)
+
+
+config_app = typer.Typer(help="Show or change settings (default-model, default-backend).",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("set")
+def config_set(key: str, value: str) -> None:
+    """Set a setting: `gemma config set default-model 1b-it`."""
+    from . import config
+
+    config.set_value(key, value)
+    typer.echo(f"{key} = {value}")
+
+
+@config_app.command("get")
+def config_get(key: str) -> None:
+    """Print one setting."""
+    from . import config
+
+    value = config.get(key)
+    typer.echo("" if value is None else value)
+
+
+@config_app.command("unset")
+def config_unset(key: str) -> None:
+    """Remove a setting."""
+    from . import config
+
+    config.set_value(key, None)
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """Print every setting, and where the file is."""
+    from . import config
+
+    values = config.load()
+    for key, meaning in config.KEYS.items():
+        typer.echo(f"{key} = {values.get(key, '')}    # {meaning}")
+    typer.echo(f"# {config.config_path()}")
 
 
 def _stdout_writer():

@@ -1,92 +1,495 @@
-"""``gemma chat``: the interactive loop. Given a backend, never builds one.
+"""``gemma chat``: the interactive loop. Given a backend, never builds one (``load_model`` is
+injected for ``/model``).
 
-On a terminal, input comes from prompt-toolkit (history in the user data folder); otherwise each
-line of stdin is one user turn, so ``printf 'hi\\nbye\\n' | gemma chat`` works. Replies stream as
-plain text to stdout; notes go to stderr.
+On a terminal, input comes from prompt-toolkit (history, Ctrl-R search, completion of slash
+commands, multi-line input, a bottom toolbar with the context meter) and replies render as
+Markdown with Rich while they stream. Otherwise each line of stdin is one user turn and replies
+are plain text, so ``printf 'hi\\nbye\\n' | gemma chat`` works.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 import sys
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
-from . import store
+from . import sessions, store, template
 from .backends.base import Backend, SamplingParams
 from .chat import Conversation
 from .errors import GemmaChatError
 
-HELP = """commands:
-  /help          this help
-  /clear         start a new conversation (the system prompt stays)
-  /exit, /bye    leave (Ctrl-D works too)
-Ctrl-C stops a reply; the part already written is kept."""
+EXIT_COMMANDS = ("/exit", "/bye", "/quit")
+MULTILINE = '"""'
 
-EXIT_COMMANDS = {"/exit", "/bye", "/quit"}
+#: /set names -> SamplingParams fields.
+SETTINGS = {
+    "temp": "temperature", "temperature": "temperature", "top-k": "top_k", "top-p": "top_p",
+    "min-p": "min_p", "repeat-penalty": "repeat_penalty", "seed": "seed",
+    "max-tokens": "max_tokens",
+}
 
 
-def terminal_lines(prompt: str = ">>> ") -> Iterable[str]:
-    """Lines typed at a terminal, with history; Ctrl-C on an empty line asks before leaving."""
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
+# -- output -------------------------------------------------------------------------------
 
-    history = store.gemma_home() / "chat_history"
-    history.parent.mkdir(parents=True, exist_ok=True)
-    session: PromptSession[str] = PromptSession(history=FileHistory(str(history)))
-    while True:
+class PlainRenderer:
+    """Reply text as it arrives, unformatted (pipes, ``--plain``)."""
+
+    def __init__(self, out: TextIO = sys.stdout):
+        self.out = out
+
+    def start(self) -> None:
+        pass
+
+    def feed(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+class _Tail:
+    """Renders only the last screenful of a renderable, so a long streaming reply shows its
+    newest lines instead of overflowing the live area."""
+
+    def __init__(self, renderable):
+        self.renderable = renderable
+
+    def __rich_console__(self, console, options):
+        from rich.segment import Segment
+
+        lines = console.render_lines(self.renderable, options, pad=False)
+        for line in lines[-max(1, console.size.height - 2):]:
+            yield from line
+            yield Segment.line()
+
+
+class MarkdownRenderer:
+    """Reply rendered as Markdown (code highlighted) in a Rich Live view that re-renders as
+    tokens arrive. The live view is transient: when the reply ends it is replaced by one final
+    rendering, so nothing flickers or prints twice."""
+
+    def __init__(self, console=None, fps: float = 12.0):
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.interval = 1.0 / fps
+        self.text = ""
+        self.live = None
+        self._last = 0.0
+
+    def start(self) -> None:
+        from rich.live import Live
+
+        self.text = ""
+        self.live = Live(console=self.console, auto_refresh=False, transient=True,
+                         vertical_overflow="visible")
+        self.live.start()
+
+    def feed(self, text: str) -> None:
+        import time
+
+        from rich.markdown import Markdown
+
+        self.text += text
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.live.update(_Tail(Markdown(self.text)), refresh=True)
+
+    def end(self) -> None:
+        from rich.markdown import Markdown
+
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        self.console.print(Markdown(self.text))
+
+
+# -- the session ----------------------------------------------------------------------------
+
+@dataclass
+class Command:
+    handler: Callable[[ChatApp, str], object]
+    usage: str
+    help: str
+
+
+class ChatApp:
+    """One chat: the conversation, its settings, the commands, and the output."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        conversation: Conversation,
+        sampling: SamplingParams,
+        *,
+        renderer=None,
+        note: Callable[[str], object] | None = None,
+        load_model: Callable[[str], Backend] | None = None,
+        autosave: sessions.Autosave | None = None,
+        editor: Callable[[str], str] | None = None,
+    ):
+        self.backend = backend
+        self.conversation = conversation
+        self.sampling = sampling
+        self.renderer = renderer or PlainRenderer()
+        self.note = note or (lambda s: print(s, file=sys.stderr))
+        self.load_model = load_model
+        self.autosave = autosave
+        self.editor = editor or edit_in_editor
+        self.created = sessions.now()
+        self.replies = 0
+
+    # -- turns --
+
+    def ask(self, text: str) -> None:
+        """Send one user message and stream the reply (Ctrl-C stops it)."""
+        self._stream(lambda: self.conversation.send(text, self.sampling))
+
+    def _stream(self, make_stream: Callable[[], Iterator]) -> None:
         try:
-            yield session.prompt(prompt)
-        except KeyboardInterrupt:
-            print("(press Ctrl-D or type /exit to leave)", file=sys.stderr)
-        except EOFError:
+            stream = make_stream()
+            first = next(stream, None)  # raises before output when the turn is refused
+        except GemmaChatError as exc:
+            self.note(f"error: {exc}")
             return
-
-
-def stream_lines(stream: TextIO) -> Iterable[str]:
-    for line in stream:
-        yield line.rstrip("\n")
-
-
-def chat_loop(
-    backend: Backend,
-    conversation: Conversation,
-    sampling: SamplingParams,
-    lines: Iterable[str],
-    out: TextIO = sys.stdout,
-    note: Callable[[str], object] = lambda s: print(s, file=sys.stderr),
-) -> int:
-    """Run the conversation over ``lines``; return the number of replies given."""
-    replies = 0
-    for line in lines:
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            command = text.split()[0].lower()
-            if command in EXIT_COMMANDS:
-                break
-            if command == "/clear":
-                conversation.clear()
-                note("(new conversation)")
-            elif command == "/help":
-                note(HELP)
-            else:
-                note(f"unknown command {command}; /help lists them")
-            continue
-        stream = conversation.send(text, sampling)
+        except KeyboardInterrupt:  # during prefill: the exchange is recorded, empty
+            self.note("[interrupted]")
+            self._autosave()
+            return
+        if self.conversation.dropped:
+            n = self.conversation.dropped
+            self.note(f"(dropped the {n} oldest exchange{'s' * (n > 1)} to fit the context)")
+        self.renderer.start()
         try:
+            if first is not None and first.text:
+                self.renderer.feed(first.text)
             for chunk in stream:
                 if chunk.text:
-                    out.write(chunk.text)
-                    out.flush()
+                    self.renderer.feed(chunk.text)
         except KeyboardInterrupt:
             stream.close()  # records the partial reply, marked interrupted
-            note("[interrupted]")
-        except GemmaChatError as exc:  # the turn was refused and not recorded
-            note(f"error: {exc}")
-            continue
+            self.renderer.end()
+            self.note("[interrupted]")
         else:
-            replies += 1
-        out.write("\n")
-        out.flush()
-    return replies
+            self.renderer.end()
+            self.replies += 1
+        self._autosave()
+
+    def _autosave(self) -> None:
+        if self.autosave is not None and self.conversation.exchanges:
+            self.autosave.exchange(self.conversation, self.sampling.to_dict())
+
+    # -- commands --
+
+    def handle(self, line: str) -> bool:
+        """Act on one input line; False when the chat should end."""
+        text = line.strip()
+        if not text:
+            return True
+        if not text.startswith("/") or text.startswith("//"):
+            self.ask(text[1:] if text.startswith("//") else line)
+            return True
+        name, _, arg = text.partition(" ")
+        name = name.lower()
+        if name in EXIT_COMMANDS:
+            return False
+        command = COMMANDS.get(name)
+        if command is None:
+            close = [c for c in COMMANDS if c.startswith(name[:3])]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            self.note(f"unknown command {name}{hint} (/help lists them)")
+            return True
+        try:
+            command.handler(self, arg.strip())
+        except GemmaChatError as exc:
+            self.note(f"error: {exc}")
+        return True
+
+    def cmd_help(self, arg: str) -> None:
+        lines = [f"  {c.usage:<22} {c.help}" for c in COMMANDS.values()]
+        lines.append(f"  {'/exit, /bye':<22} leave (Ctrl-D works too)")
+        lines.append(f'  {MULTILINE + " ... " + MULTILINE:<22} a multi-line message '
+                     "(Alt-Enter also inserts a newline)")
+        lines.append("  Ctrl-C stops a reply and keeps what was written; "
+                     "Ctrl-X Ctrl-E edits the message in $EDITOR")
+        self.note("\n".join(lines))
+
+    def cmd_clear(self, arg: str) -> None:
+        self.conversation.clear()
+        if self.autosave is not None:
+            self.autosave.reset()
+        self.note("(new conversation)")
+
+    def cmd_system(self, arg: str) -> None:
+        if not arg:
+            self.note(f"system prompt: {self.conversation.system!r}" if self.conversation.system
+                      else "no system prompt (/system TEXT sets one)")
+            return
+        self.conversation.set_system(None if arg.lower() in ("off", "none") else arg)
+        self._record({"type": "system", "system": self.conversation.system})
+        self.note("(system prompt removed)" if self.conversation.system is None
+                  else "(system prompt set; Gemma folds it into the first user turn)")
+
+    def cmd_undo(self, arg: str) -> None:
+        if self.conversation.undo() is None:
+            self.note("nothing to undo")
+            return
+        self._record({"type": "undo"})
+        self.note(f"(dropped the last exchange; {len(self.conversation.exchanges)} left)")
+
+    def cmd_retry(self, arg: str) -> None:
+        if not self.conversation.exchanges:
+            self.note("nothing to retry yet")
+            return
+        self._record({"type": "undo"})
+        self._stream(lambda: self.conversation.retry(self.sampling))
+
+    def cmd_set(self, arg: str) -> None:
+        if not arg:
+            current = self.sampling.to_dict()
+            self.note("  ".join(f"{name} {current[field]}" for name, field in SETTINGS.items()
+                                if name != "temperature"))
+            return
+        parts = arg.split()
+        if len(parts) != 2 or parts[0].lower() not in SETTINGS:
+            raise_usage(f"usage: /set NAME VALUE, NAME one of {', '.join(SETTINGS)}")
+        field, raw = SETTINGS[parts[0].lower()], parts[1]
+        value = parse_setting(field, raw)
+        self.sampling = self.sampling.with_overrides(**{field: value}) if value is not None \
+            else _unset(self.sampling, field)
+        self.note(f"({parts[0]} = {getattr(self.sampling, field)})")
+
+    def cmd_stats(self, arg: str) -> None:
+        info, stats = self.backend.info, self.conversation.last_stats
+        used = len(self.conversation.ids)
+        line = f"context {used}/{info.n_ctx} tokens, {len(self.conversation.exchanges)} exchanges"
+        if stats is not None:
+            line += (f"; last turn: prompt {stats.prompt_tokens} tokens "
+                     f"({stats.prompt_eval_tokens} evaluated, {stats.cached_tokens} from the KV "
+                     f"cache), ttft {stats.ttft_s * 1000:.0f} ms, {stats.generated_tokens} tokens "
+                     f"at {stats.decode_tps:.1f} t/s, stop: {stats.stop_reason}")
+        self.note(line)
+
+    def cmd_info(self, arg: str) -> None:
+        info = self.backend.info
+        self.note("\n".join([
+            f"model         {info.name}  ({info.path})",
+            f"architecture  {info.architecture}, {info.n_params / 1e6:,.0f}M parameters, "
+            f"{'instruction-tuned' if info.instruction_tuned else 'pretrained'}",
+            f"quantization  {info.quantization}",
+            f"backend       {info.backend} on {info.device}"
+            + (f", {info.threads} threads" if info.threads else ""),
+            f"context       {info.n_ctx} tokens (the model allows {info.n_ctx_train})",
+            f"sampling      {self.sampling.to_dict()}",
+            "prompt format " + template.PROMPT_FORMAT,
+        ]))
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            raise_usage("usage: /save FILE")
+        path = Path(os.path.expanduser(arg))
+        kv = sessions.save(self.conversation, path, self.sampling.to_dict(), self.created)
+        self.note(f"(saved to {path}" + (f", KV state in {kv.name})" if kv else ")"))
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            raise_usage("usage: /load FILE")
+        saved = sessions.load(Path(os.path.expanduser(arg)))  # errors leave the chat as is
+        self.note(self.restore(saved))
+
+    def restore(self, saved: sessions.Saved) -> str:
+        message = sessions.restore(self.conversation, saved)
+        if saved.created:
+            self.created = saved.created
+        if self.autosave is not None:
+            self.autosave.reset()
+            self.autosave.start(self.conversation, self.sampling.to_dict())
+        return message
+
+    def cmd_model(self, arg: str) -> None:
+        if not arg:
+            self.note(f"model: {self.backend.info.name} (/model NAME switches)")
+            return
+        if self.load_model is None:
+            raise_usage("switching models is not available here")
+        new = self.load_model(arg)  # on failure the old model stays
+        old, self.backend = self.backend, new
+        self.conversation.rebind(new)
+        old.close()
+        self.note(f"(now using {new.info.name}; the conversation is kept)")
+
+    def cmd_edit(self, arg: str) -> None:
+        text = self.editor(arg)
+        if text.strip():
+            self.ask(text)
+        else:
+            self.note("(empty message, nothing sent)")
+
+    def _record(self, event: dict) -> None:
+        if self.autosave is not None:
+            self.autosave.record(self.conversation, self.sampling.to_dict(), event)
+
+    # -- the toolbar --
+
+    def toolbar(self) -> str:
+        info, stats = self.backend.info, self.conversation.last_stats
+        used = len(self.conversation.ids)
+        parts = [f"{info.name}", f"context {used}/{info.n_ctx}"]
+        if stats is not None:
+            parts.append(f"{stats.decode_tps:.1f} t/s")
+        if self.conversation.dropped:
+            parts.append(f"dropped {self.conversation.dropped} old exchanges")
+        parts.append("/help")
+        return "  |  ".join(parts)
+
+    def run(self, lines: Iterable[str]) -> int:
+        """Handle lines until one ends the chat; return the number of replies."""
+        for line in lines:
+            if not self.handle(line):
+                break
+        return self.replies
+
+
+def raise_usage(message: str):
+    from .errors import InvalidArgument
+
+    raise InvalidArgument(message)
+
+
+def parse_setting(field: str, raw: str) -> object:
+    """A /set value as the field's type; None means unset (seed, max_tokens)."""
+    if field in ("seed", "max_tokens") and raw.lower() in ("none", "off", "random"):
+        return None
+    try:
+        return int(raw) if field in ("top_k", "seed", "max_tokens") else float(raw)
+    except ValueError:
+        raise_usage(f"invalid value {raw!r} for {field}")
+
+
+def _unset(sampling: SamplingParams, field: str) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(sampling, **{field: None})
+
+
+COMMANDS: dict[str, Command] = {
+    "/help": Command(ChatApp.cmd_help, "/help", "this help"),
+    "/clear": Command(ChatApp.cmd_clear, "/clear", "start a new conversation"),
+    "/system": Command(ChatApp.cmd_system, "/system [TEXT|off]", "show or set the system prompt"),
+    "/retry": Command(ChatApp.cmd_retry, "/retry", "regenerate the last answer"),
+    "/undo": Command(ChatApp.cmd_undo, "/undo", "drop the last exchange"),
+    "/save": Command(ChatApp.cmd_save, "/save FILE", "save the conversation (and its KV state)"),
+    "/load": Command(ChatApp.cmd_load, "/load FILE", "load a saved conversation"),
+    "/set": Command(ChatApp.cmd_set, "/set [NAME VALUE]", "show or change sampling (temp, "
+                    "top-k, top-p, min-p, repeat-penalty, seed, max-tokens)"),
+    "/stats": Command(ChatApp.cmd_stats, "/stats", "tokens in context, last turn's speed"),
+    "/model": Command(ChatApp.cmd_model, "/model [NAME]", "switch model, keeping the chat"),
+    "/info": Command(ChatApp.cmd_info, "/info", "model, backend, context, prompt format"),
+    "/edit": Command(ChatApp.cmd_edit, "/edit", "compose the next message in $EDITOR"),
+}
+
+
+# -- input ----------------------------------------------------------------------------------
+
+def edit_in_editor(initial: str = "") -> str:
+    """Open ``$EDITOR`` (or ``$VISUAL``, else vi) on a temporary file; return what was saved."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    with tempfile.NamedTemporaryFile("w+", suffix=".md", delete=False) as fh:
+        fh.write(initial)
+        name = fh.name
+    try:
+        result = subprocess.run([*shlex.split(editor), name])
+        if result.returncode != 0:
+            raise_usage(f"the editor ({editor}) exited with {result.returncode}")
+        return Path(name).read_text(encoding="utf-8")
+    finally:
+        os.unlink(name)
+
+
+def join_multiline(lines: Iterator[str]) -> Iterator[str]:
+    """Join a block opened by a line starting with three quotes and closed by one ending with
+    them into one message."""
+    for line in lines:
+        if not line.lstrip().startswith(MULTILINE):
+            yield line
+            continue
+        first = line.lstrip()[len(MULTILINE):]
+        if first.rstrip().endswith(MULTILINE) and first.strip():
+            yield first.rstrip()[: -len(MULTILINE)]
+            continue
+        block = [first] if first.strip() else []
+        for more in lines:
+            if more.rstrip().endswith(MULTILINE):
+                tail = more.rstrip()[: -len(MULTILINE)]
+                if tail:
+                    block.append(tail)
+                break
+            block.append(more)
+        yield "\n".join(block)
+
+
+def stream_lines(stream: TextIO) -> Iterator[str]:
+    """Lines of a non-terminal stdin, one user turn each (with the multi-line blocks)."""
+    return join_multiline(line.rstrip("\n") for line in stream)
+
+
+def terminal_lines(app: ChatApp, *, input=None, output=None,
+                   history_path: Path | None = None) -> Iterator[str]:
+    """Lines typed at a terminal with prompt-toolkit: history (up/down, Ctrl-R), slash-command
+    completion, Alt-Enter for a newline, Ctrl-X Ctrl-E for $EDITOR, a bottom toolbar.
+    Ctrl-C keeps what was typed; at an empty prompt it asks to press again (or Ctrl-D)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import WordCompleter
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    history_path = history_path or store.gemma_home() / "chat_history"
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _newline(event):
+        event.current_buffer.insert_text("\n")
+
+    words = [*COMMANDS, *EXIT_COMMANDS]
+    session: PromptSession[str] = PromptSession(
+        history=FileHistory(str(history_path)),
+        completer=WordCompleter(words, sentence=True, pattern=None),
+        complete_while_typing=True,
+        key_bindings=keys,
+        enable_open_in_editor=True,
+        bottom_toolbar=app.toolbar,
+        input=input,
+        output=output,
+    )
+
+    def raw_lines() -> Iterator[str]:
+        pending = ""
+        warned = False
+        while True:
+            try:
+                line = session.prompt(">>> ", default=pending)
+            except KeyboardInterrupt:
+                pending = session.default_buffer.text
+                if pending.strip():
+                    continue  # Ctrl-C with text typed: keep it, ask again
+                if warned:
+                    return
+                warned = True
+                app.note("(press Ctrl-C again or Ctrl-D to leave)")
+                continue
+            except EOFError:
+                return
+            pending, warned = "", False
+            yield line
+
+    return join_multiline(raw_lines())

@@ -16,6 +16,7 @@ os.environ["GEMMA_HOME"] = str(_SESSION_HOME / "gemma-home")
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf-home")
 os.environ["HF_HUB_CACHE"] = str(_SESSION_HOME / "hf-home" / "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GEMMA_CONFIG"] = str(_SESSION_HOME / "config.json")
 os.environ.pop("GEMMA_DEBUG", None)
 
 GEMMA = Path(sys.executable).with_name("gemma")

@@ -1,30 +1,28 @@
-"""The conversation (token-level history, KV reuse) and the chat loop, on the real model."""
+"""The conversation (token-level history, KV reuse, trimming) on the real model."""
 
 from __future__ import annotations
 
-import io
-
-from conftest import run_gemma
+import pytest
 
 from gemma_chat import template
 from gemma_chat.backends.base import SamplingParams
+from gemma_chat.backends.llamacpp import LlamaCppBackend
 from gemma_chat.chat import Conversation
-from gemma_chat.repl import chat_loop
+from gemma_chat.errors import ContextOverflow
+from gemma_chat.resolve import resolve
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
-def reply(convo: Conversation, text: str) -> str:
-    return "".join(chunk.text for chunk in convo.send(text, GREEDY))
+def reply(convo: Conversation, text: str, sampling: SamplingParams = GREEDY) -> str:
+    return "".join(chunk.text for chunk in convo.send(text, sampling))
 
 
 def test_each_turn_evaluates_only_its_new_tokens(backend):
     convo = Conversation(backend, system="You are terse.")
     reply(convo, "Name a colour.")
-    first = convo.last_stats
-    assert first.prompt_eval_tokens == first.prompt_tokens or first.cached_tokens > 0
     reply(convo, "Name another one.")
-    before_turn_3 = list(convo.ids)
+    before_turn_3 = convo.ids
     reply(convo, "And a third?")
     third = convo.last_stats
     new_tokens = third.prompt_tokens - len(before_turn_3)
@@ -54,65 +52,63 @@ def test_token_history_spells_the_rendered_template(backend):
     assert convo.ids.count(backend.info.bos_id) == 1
 
 
-def test_chat_loop_commands_and_turns(backend):
-    out, notes = io.StringIO(), []
+def test_closing_a_stream_early_keeps_what_was_taken(backend):
     convo = Conversation(backend)
-    lines = ["Hello", "/help", "/nope", "", "Tell me more", "/exit", "never read"]
-    replies = chat_loop(backend, convo, GREEDY, lines, out=out, note=notes.append)
-    assert replies == 2
-    assert len(convo.messages) == 4 and out.getvalue().count("\n") >= 2
-    assert any("/clear" in n for n in notes)
-    assert any("unknown command /nope" in n for n in notes)
-    chat_loop(backend, convo, GREEDY, ["/clear"], out=out, note=notes.append)
-    assert convo.messages == [] and convo.ids == []
-
-
-class InterruptingOut(io.StringIO):
-    """Raises KeyboardInterrupt once, at the second write: Ctrl-C in the middle of a reply."""
-
-    writes = 0
-
-    def write(self, text):
-        self.writes += 1
-        if self.writes == 2:
-            raise KeyboardInterrupt
-        return super().write(text)
-
-
-def test_ctrl_c_keeps_the_partial_reply_and_goes_on(backend):
-    convo = Conversation(backend)
-    notes: list[str] = []
-    out = InterruptingOut()
-    replies = chat_loop(backend, convo, SamplingParams(temperature=0, max_tokens=50),
-                        ["Tell me a long story"], out=out, note=notes.append)
-    assert replies == 0 and any("interrupted" in n for n in notes)
-    assert convo.interrupted
-    partial = convo.messages[-1]["content"]
-    assert partial and out.getvalue() == partial + "\n"
-    # The conversation goes on from the partial reply, re-using the cache.
-    text = reply(convo, "Go on")
-    assert text and not convo.interrupted
+    stream = convo.send("Tell me a story", SamplingParams(temperature=0, max_tokens=50))
+    taken = [next(stream).text, next(stream).text]
+    stream.close()  # what Ctrl-C does
+    last = convo.exchanges[-1]
+    assert last.interrupted and last.reply == "".join(taken)
+    reply(convo, "Go on")
+    assert not convo.exchanges[-1].interrupted
     assert convo.last_stats.cached_tokens > 0
 
 
-def test_context_overflow_leaves_the_conversation_intact(gguf_path):
-    from gemma_chat.backends.llamacpp import LlamaCppBackend
-    from gemma_chat.resolve import resolve
+def test_undo_and_retry(backend):
+    convo = Conversation(backend)
+    first = reply(convo, "Count: one, two,")
+    reply(convo, "Then?")
+    assert convo.undo().user == "Then?"
+    assert len(convo.exchanges) == 1
+    retried = "".join(c.text for c in convo.retry(GREEDY))
+    assert retried == first  # greedy: the same reply again
+    assert len(convo.exchanges) == 1
+    assert convo.last_stats.prompt_eval_tokens <= 2  # the prompt was all in the KV cache
 
+
+def test_context_trimming_drops_oldest_exchanges_never_the_system(gguf_path):
     with LlamaCppBackend(resolve(str(gguf_path)), n_ctx=256) as small:
-        convo = Conversation(small)
-        notes: list[str] = []
-        chat_loop(small, convo, GREEDY, ["word " * 400, "hi"], out=io.StringIO(),
-                  note=notes.append)
-        assert any("context holds 256" in n for n in notes)
-        assert [m["content"] for m in convo.messages][0] == "hi"
+        convo = Conversation(small, system="SYSTEM-NOTE")
+        sampling = SamplingParams(temperature=0, max_tokens=16)
+        for i in range(6):
+            reply(convo, f"message {i}: " + "tea and cake " * 8, sampling)
+        assert convo.dropped >= 1
+        assert convo.exchanges[-1].user.startswith("message 5")
+        assert not any(ex.user.startswith("message 0") for ex in convo.exchanges)
+        text = small.detokenize(convo.ids, special=True)
+        assert text.startswith("<bos><start_of_turn>user\nSYSTEM-NOTE\n\nmessage ")
+        assert len(convo.ids) <= 256
+        with pytest.raises(ContextOverflow, match="context holds 256"):
+            list(convo.send("word " * 400, sampling))
+        assert convo.exchanges[-1].user.startswith("message 5")  # nothing recorded
 
 
-def test_piped_chat_end_to_end(gguf_path):
-    result = run_gemma("chat", "--temp", "0", "-n", "6",
-                       input="Hello\nWhat is the capital of France?\n/bye\nnot reached\n")
-    assert result.returncode == 0, result.stderr
-    assert "using gemma-3-270m (the bundled demo model)" in result.stderr
-    assert "pretrained (base) model" in result.stderr
-    assert result.stdout.strip() and "\x1b[" not in result.stdout
-    assert "Traceback" not in result.stderr
+def test_rollback_past_the_sliding_window_matches_a_fresh_evaluation(backend):
+    """Gemma 3 270M's sliding window is 512 tokens: roll a 700+ token conversation back past
+    it, then check the next reply against one computed from an empty KV cache."""
+    convo = Conversation(backend)
+    sampling = SamplingParams(temperature=0, max_tokens=12)
+    for i in range(3):
+        reply(convo, f"Part {i}. " + "The river runs to the sea and back again. " * 25,
+              sampling)
+    assert len(convo.ids) > 700
+    convo.undo()
+    convo.undo()  # back to ~250 tokens: far past the 512-token window from the end
+    reused = "".join(c.text for c in convo.send("Summarize.", sampling))
+    reused_ids = convo.last_stats.token_ids
+    assert convo.last_stats.cached_tokens > 100  # the prefix really came from the cache
+    convo.undo()
+    backend.trim_cache(0)
+    fresh = "".join(c.text for c in convo.send("Summarize.", sampling))
+    assert convo.last_stats.cached_tokens == 0
+    assert convo.last_stats.token_ids == reused_ids and fresh == reused

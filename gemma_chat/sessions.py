@@ -1,0 +1,265 @@
+"""Saved and autosaved conversations.
+
+``/save FILE`` writes the conversation as JSON (messages, model, sampling settings, times) and,
+beside it, the backend's KV cache state (``FILE.kv``), tagged with the model file's identity, so
+``gemma chat --resume FILE`` continues without re-processing the history when the same model is
+loaded. Every finished turn is also appended to an autosave file (JSON lines, one event per line,
+flushed and synced), so a killed process loses at most the reply in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import store
+from .chat import Conversation, Exchange
+from .errors import GemmaChatError, InvalidArgument
+
+FORMAT = "gemma-chat.conversation"
+VERSION = 1
+
+
+def model_identity(path: Path) -> str:
+    """A cheap fingerprint of a model file or folder: sizes plus the bytes at the start and
+    end (a GGUF's header holds its metadata). Enough to tell models apart, not a checksum."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                digest.update(fh.read())
+    return digest.hexdigest()[:32]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Saved:
+    """A conversation read back from disk."""
+
+    system: str | None
+    exchanges: list[Exchange]
+    model: dict[str, object] = field(default_factory=dict)
+    sampling: dict[str, object] = field(default_factory=dict)
+    created: str | None = None
+    kv_path: Path | None = None
+    path: Path | None = None
+
+
+def conversations_dir() -> Path:
+    return store.gemma_home() / "conversations"
+
+
+def _model_record(convo: Conversation) -> dict[str, object]:
+    info = convo.backend.info
+    return {"name": info.name, "path": str(info.path), "backend": info.backend,
+            "identity": model_identity(info.path)}
+
+
+def save(convo: Conversation, path: Path, sampling: dict[str, object],
+         created: str | None = None) -> Path | None:
+    """Write the conversation to ``path`` (JSON) and its KV state to ``path.kv``, atomically.
+
+    Returns the KV state's path, or None when the backend could not save it.
+    """
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise InvalidArgument(f"cannot save to {path}: the folder {path.parent} does not exist")
+    kv_path = path.with_name(path.name + ".kv")
+    record = {
+        "format": FORMAT, "version": VERSION, "created": created or now(), "saved": now(),
+        "model": _model_record(convo), "system": convo.system, "sampling": sampling,
+        "messages": convo.messages,
+        "exchanges": [{**ex.to_dict(), "reply_ids": ex.reply_ids} for ex in convo.exchanges],
+        "kv_state": None,
+    }
+    try:
+        saved_kv = None
+        if convo.exchanges:
+            try:
+                with store.atomic_path(kv_path) as tmp:
+                    convo.backend.save_state(tmp)
+                record["kv_state"] = kv_path.name
+                record["kv_tokens"] = len(convo.backend.cached_tokens)
+                saved_kv = kv_path
+            except (GemmaChatError, NotImplementedError, AttributeError):
+                saved_kv = None
+        with store.atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    except OSError as exc:
+        raise InvalidArgument(f"cannot save to {path}: {exc.strerror or exc}") from None
+    return saved_kv
+
+
+def _exchanges_from(records: list, where: Path) -> list[Exchange]:
+    out = []
+    for rec in records:
+        if not isinstance(rec, dict) or not isinstance(rec.get("user"), str) \
+                or not isinstance(rec.get("reply", ""), str):
+            raise InvalidArgument(f"{where} is not a gemma-chat conversation (bad exchange)")
+        ids = rec.get("reply_ids") or []
+        if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+            ids = []
+        out.append(Exchange(rec["user"], rec.get("reply", ""), list(ids),
+                            bool(rec.get("interrupted", False))))
+    return out
+
+
+def _exchanges_from_messages(messages: list, where: Path) -> tuple[str | None, list[Exchange]]:
+    from . import template
+
+    try:
+        system, turns = template.normalize(messages)
+    except ValueError as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
+    exchanges = []
+    for i in range(0, len(turns) - 1, 2):
+        exchanges.append(Exchange(turns[i][1], turns[i + 1][1]))
+    return system, exchanges
+
+
+def load(path: Path) -> Saved:
+    """Read a conversation saved with ``/save`` or an autosave file; clear errors otherwise."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidArgument(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc}") from None
+    if path.suffix == ".jsonl":
+        return _load_autosave(path, text)
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise InvalidArgument(f"{path} is not a gemma-chat conversation")
+    if "exchanges" in record:
+        exchanges = _exchanges_from(record["exchanges"], path)
+        system = record.get("system")
+    else:
+        system, exchanges = _exchanges_from_messages(record.get("messages", []), path)
+    kv = record.get("kv_state")
+    kv_path = path.with_name(kv) if isinstance(kv, str) else None
+    return Saved(system if isinstance(system, str) else None, exchanges,
+                 record.get("model") or {}, record.get("sampling") or {},
+                 record.get("created"), kv_path if kv_path and kv_path.is_file() else None, path)
+
+
+class Autosave:
+    """Appends every finished turn to a JSON-lines file in the conversations folder."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder or conversations_dir()
+        self.path: Path | None = None
+
+    def start(self, convo: Conversation, sampling: dict[str, object]) -> None:
+        """Begin a new file (on the first turn of a conversation)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.path = self.folder / f"{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
+        self._write({"type": "header", "format": FORMAT, "version": VERSION, "created": now(),
+                     "model": _model_record(convo), "system": convo.system,
+                     "sampling": sampling})
+        for ex in convo.exchanges:  # a resumed or loaded conversation starts with its history
+            self._write({"type": "exchange", **ex.to_dict(), "reply_ids": ex.reply_ids})
+
+    def _write(self, event: dict[str, object]) -> None:
+        assert self.path is not None
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def record(self, convo: Conversation, sampling: dict[str, object], event: dict) -> None:
+        if self.path is None:
+            if convo.exchanges:
+                self.start(convo, sampling)  # writes the current state, this event included
+            return
+        self._write(event)
+
+    def exchange(self, convo: Conversation, sampling: dict[str, object]) -> None:
+        ex = convo.exchanges[-1]
+        self.record(convo, sampling, {"type": "exchange", **ex.to_dict(),
+                                      "reply_ids": ex.reply_ids})
+
+    def reset(self) -> None:
+        """The conversation was cleared: the next turn starts a new file."""
+        self.path = None
+
+
+def _load_autosave(path: Path, text: str) -> Saved:
+    header: dict = {}
+    system = None
+    exchanges: list[Exchange] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(text.splitlines()):
+                break  # a line cut short by a crash: everything before it stands
+            raise InvalidArgument(f"{path}: line {n} is not valid JSON") from None
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "header":
+            header, system = event, event.get("system")
+        elif kind == "exchange":
+            exchanges += _exchanges_from([event], path)
+        elif kind == "system":
+            system = event.get("system")
+        elif kind == "undo" and exchanges:
+            exchanges.pop()
+    if header.get("format") != FORMAT:
+        raise InvalidArgument(f"{path} is not a gemma-chat conversation")
+    return Saved(system, exchanges, header.get("model") or {}, header.get("sampling") or {},
+                 header.get("created"), None, path)
+
+
+def recent(limit: int = 20) -> list[Path]:
+    """Autosaved conversations, newest first."""
+    folder = conversations_dir()
+    if not folder.is_dir():
+        return []
+    files = sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return files[:limit]
+
+
+def restore(convo: Conversation, saved: Saved) -> str:
+    """Put a saved conversation into ``convo``; re-use its KV state when the same model is
+    loaded. Returns a one-line note of what happened."""
+    convo.set_system(saved.system)
+    same_model = saved.model.get("identity") == model_identity(convo.backend.info.path)
+    convo.exchanges = saved.exchanges
+    if not same_model:
+        convo.rebind(convo.backend)  # reply ids belong to another vocabulary: re-tokenize
+    for ex in convo.exchanges:
+        if not ex.reply_ids:
+            ex.reply_ids = convo.backend.tokenize(ex.reply, special=False)
+    n = len(convo.exchanges)
+    if saved.kv_path is not None and same_model:
+        try:
+            cached = convo.backend.load_state(saved.kv_path)
+        except (GemmaChatError, NotImplementedError, AttributeError):
+            return (f"resumed {n} exchanges; the KV state did not load, so the history is "
+                    "re-processed")
+        return (f"resumed {n} exchanges with their KV state ({len(cached)} tokens, "
+                "no re-processing)")
+    if saved.kv_path is not None:
+        return f"resumed {n} exchanges; saved with another model, so the history is re-processed"
+    return f"resumed {n} exchanges; the history is re-processed on the next turn"
