@@ -97,9 +97,11 @@ def main() -> int:
 
     resolved = resolve(args.model)
     ours = LlamaCppBackend(resolved, n_ctx=args.ctx, threads=args.threads)
+    # The same context settings as ours: flash attention, window-sized sliding-window cache.
     raw = llama_cpp.Llama(model_path=str(resolved.path), n_ctx=args.ctx, n_batch=512,
                           n_threads=args.threads, n_threads_batch=args.threads,
-                          n_gpu_layers=ours.info.gpu_layers, verbose=False)
+                          n_gpu_layers=ours.info.gpu_layers, flash_attn=True, swa_full=False,
+                          verbose=False)
     pp_prompt = random_prompt(args.prompt_tokens, ours.info.n_vocab, ours.info.bos_id)
     tg_prompt = random_prompt(16, ours.info.n_vocab, ours.info.bos_id, seed=1)
 

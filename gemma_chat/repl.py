@@ -182,6 +182,9 @@ class ChatApp:
         else:
             self.renderer.end()
             self.replies += 1
+        stats = self.conversation.last_stats
+        if stats is not None and stats.cache_note:
+            self.note(f"({stats.cache_note})")
         self._autosave()
 
     def _autosave(self) -> None:
@@ -277,6 +280,8 @@ class ChatApp:
                      f"({stats.prompt_eval_tokens} evaluated, {stats.cached_tokens} from the KV "
                      f"cache), ttft {stats.ttft_s * 1000:.0f} ms, {stats.generated_tokens} tokens "
                      f"at {stats.decode_tps:.1f} t/s, stop: {stats.stop_reason}")
+            if stats.cache_note:
+                line += f" ({stats.cache_note})"
         self.note(line)
 
     def cmd_info(self, arg: str) -> None:

@@ -93,22 +93,35 @@ def test_context_trimming_drops_oldest_exchanges_never_the_system(gguf_path):
         assert convo.exchanges[-1].user.startswith("message 5")  # nothing recorded
 
 
-def test_rollback_past_the_sliding_window_matches_a_fresh_evaluation(backend):
+@pytest.mark.parametrize("swa_full", [False, True])
+def test_rollback_past_the_sliding_window_matches_a_fresh_evaluation(gguf_path, swa_full):
     """Gemma 3 270M's sliding window is 512 tokens: roll a 700+ token conversation back past
-    it, then check the next reply against one computed from an empty KV cache."""
+    it, then check the next reply against one computed from an empty KV cache. A window-sized
+    cache (the default) must notice it cannot roll back that far and re-evaluate; a full-size
+    one re-uses its prefix."""
+    backend = LlamaCppBackend(resolve(str(gguf_path)), n_ctx=4096, swa_full=swa_full)
     convo = Conversation(backend)
     sampling = SamplingParams(temperature=0, max_tokens=12)
-    for i in range(3):
+    # Long enough that the window cache (512 positions plus a batch) has evicted the start.
+    for i in range(6):
         reply(convo, f"Part {i}. " + "The river runs to the sea and back again. " * 25,
               sampling)
-    assert len(convo.ids) > 700
-    convo.undo()
-    convo.undo()  # back to ~250 tokens: far past the 512-token window from the end
+    assert len(convo.ids) > 1600
+    for _ in range(5):
+        convo.undo()  # back to ~280 tokens: far past the 512-token window from the end
     reused = "".join(c.text for c in convo.send("Summarize.", sampling))
-    reused_ids = convo.last_stats.token_ids
-    assert convo.last_stats.cached_tokens > 100  # the prefix really came from the cache
+    stats = convo.last_stats
+    if swa_full:
+        assert stats.cached_tokens > 100 and stats.cache_note == ""
+    else:
+        assert stats.cached_tokens == 0 and "sliding-window" in stats.cache_note
+    # A small roll-back (within the window) re-uses the cache either way.
+    retried = "".join(c.text for c in convo.retry(sampling))
+    assert retried == reused and convo.last_stats.cached_tokens > 100
+    assert convo.last_stats.cache_note == ""
     convo.undo()
     backend.trim_cache(0)
     fresh = "".join(c.text for c in convo.send("Summarize.", sampling))
     assert convo.last_stats.cached_tokens == 0
-    assert convo.last_stats.token_ids == reused_ids and fresh == reused
+    assert convo.last_stats.token_ids == stats.token_ids and fresh == reused
+    backend.close()

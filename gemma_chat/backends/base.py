@@ -95,6 +95,7 @@ class Stats:
     stop_reason: str = "stop"  # one of STOP_REASONS
     stop_token: int | None = None  # the id that ended generation, when it was a stop token
     sampler: str = ""  # the sampler chain that ran, for the record
+    cache_note: str = ""  # why the KV cache could not be re-used, when it could not
 
     @property
     def cached_tokens(self) -> int:
@@ -200,8 +201,9 @@ class Backend(Protocol):
     def cached_tokens(self) -> list[int]:
         """The token ids whose keys and values are in the KV cache now."""
 
-    def trim_cache(self, n_tokens: int) -> None:
-        """Keep only the first ``n_tokens`` of the KV cache."""
+    def trim_cache(self, n_tokens: int) -> str:
+        """Keep only the first ``n_tokens`` of the KV cache. A sliding-window cache that cannot
+        roll back that far is emptied instead; the return value then says why (else "")."""
 
     def save_state(self, path: Path) -> None:
         """Write the KV cache and its token ids to ``path``."""

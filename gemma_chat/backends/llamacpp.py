@@ -88,6 +88,8 @@ class LlamaCppBackend:
         threads: int | None = None,
         gpu_layers: int | None = None,
         n_batch: int = 512,
+        flash_attn: bool = True,
+        swa_full: bool = False,
         verbose: bool = False,
     ):
         if llama_cpp is None:
@@ -120,6 +122,10 @@ class LlamaCppBackend:
                 n_threads_batch=threads,
                 n_gpu_layers=gpu_layers,
                 logits_all=False,
+                flash_attn=flash_attn,
+                # Sliding-window layers keep only their window (llama-server's default): far
+                # less memory on long contexts; a roll-back past the window re-evaluates.
+                swa_full=swa_full,
                 verbose=verbose,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -130,6 +136,8 @@ class LlamaCppBackend:
         self._n_ctx = min(self._llm.n_ctx(), len(self._llm.input_ids))
         self._vocab = model.vocab
         self._ctx = self._llm._ctx
+        window = gguf.get("attention.sliding_window")
+        self._n_swa = int(window) if isinstance(window, int) and not swa_full else 0
         self._n_vocab = model.n_vocab()
         self._cancel = threading.Event()
         self._pieces: dict[int, bytes] = {}
@@ -195,12 +203,24 @@ class LlamaCppBackend:
     def cached_tokens(self) -> list[int]:
         return self._llm._input_ids.tolist()
 
-    def trim_cache(self, n_tokens: int) -> None:
+    def trim_cache(self, n_tokens: int) -> str:
+        """Keep the first ``n_tokens``; returns why it had to drop everything, or ""."""
         n_tokens = max(0, min(n_tokens, self._llm.n_tokens))
-        if not self._ctx.kv_cache_seq_rm(-1, n_tokens, -1):
+        note = ""
+        if 0 < n_tokens < self._llm.n_tokens and self._n_swa:
+            # A sliding-window cache holds only the last window of positions: continuing at
+            # n_tokens needs positions [n_tokens - window, n_tokens) still there.
+            memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+            pos_min = llama_cpp.llama_memory_seq_pos_min(memory, 0)
+            if pos_min > max(0, n_tokens - self._n_swa):
+                note = (f"re-evaluated the prompt: rolling back to token {n_tokens} goes past "
+                        f"what the {self._n_swa}-token sliding-window cache still holds")
+                n_tokens = 0
+        if n_tokens == 0 or not self._ctx.kv_cache_seq_rm(-1, n_tokens, -1):
             n_tokens = 0
             self._ctx.kv_cache_clear()
         self._llm.n_tokens = n_tokens
+        return note
 
     def save_state(self, path: Path) -> None:
         """Write the KV cache of sequence 0 and its token ids (llama.cpp's lean state file)."""
@@ -303,9 +323,10 @@ class LlamaCppBackend:
                 break
             lcp += 1
         lcp = min(lcp, len(ids) - 1)
-        self.trim_cache(lcp)
+        note = self.trim_cache(lcp)
         reused = llm.n_tokens
-        stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused)
+        stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
+                      cache_note=note)
         chain, stats.sampler = self._sampler(sp, logit_bias, ids)
 
         llm.eval(ids[reused:])
