@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import time
 
 import pexpect
 from conftest import GEMMA, run_gemma
@@ -35,6 +36,13 @@ def test_chat_in_a_pseudo_terminal(gguf_path, tmp_path):
         child.sendline("Tell me more")
         child.setwinsize(30, 100)  # a terminal resize during the reply
         at_prompt()
+        child.sendline("/set max-tokens 2000")
+        at_prompt()
+        child.sendline("Write a very long story")
+        time.sleep(3)  # 2000 tokens take ~40 s here: the reply is streaming...
+        child.sendcontrol("c")  # ... and Ctrl-C stops it
+        child.expect(r"\[interrupted\]")
+        at_prompt()
         child.sendline("/stats")
         child.expect("evaluated")
         child.sendline("/exit")
@@ -46,6 +54,7 @@ def test_chat_in_a_pseudo_terminal(gguf_path, tmp_path):
     assert "Traceback" not in transcript
     files = list((tmp_path / "home" / "conversations").glob("*.jsonl"))
     assert len(files) == 1 and "Tell me more" in files[0].read_text()
+    assert '"interrupted": true' in files[0].read_text()
 
 
 def test_piped_chat(gguf_path):

@@ -247,6 +247,34 @@ def test_ctrl_c_during_a_reply_keeps_the_partial_reply(backend, tmp_path):
     assert not app.conversation.exchanges[-1].interrupted
 
 
+def test_a_real_sigint_during_streaming(backend, tmp_path):
+    """The signal itself, sent to this process mid-reply: KeyboardInterrupt may surface in the
+    renderer or inside the backend's token loop; either way the chat goes on."""
+    import os
+    import signal
+
+    class SignalAtThirdPiece(PlainRenderer):
+        pieces = 0
+
+        def feed(self, text):
+            self.pieces += 1
+            if self.pieces == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            super().feed(text)
+
+    out, notes = io.StringIO(), []
+    app = ChatApp(backend, Conversation(backend), SamplingParams(temperature=0, max_tokens=60),
+                  renderer=SignalAtThirdPiece(out), note=notes.append)
+    app.handle("Tell me a long story")
+    last = app.conversation.exchanges[-1]
+    assert "[interrupted]" in notes and last.interrupted
+    assert 0 < len(last.reply_ids) < 60
+    app.renderer = PlainRenderer(out)
+    app.handle("Go on")
+    assert not app.conversation.exchanges[-1].interrupted
+    assert app.conversation.last_stats.cached_tokens > 0
+
+
 def test_context_meter_and_trimming_note(gguf_path, tmp_path):
     with LlamaCppBackend(resolve(str(gguf_path)), n_ctx=256) as small:
         app, _, notes = make_app(small, tmp_path, sampling=SamplingParams(temperature=0,
