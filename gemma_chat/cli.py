@@ -261,6 +261,44 @@ def chat(
         engine.close()
 
 
+@app.command()
+def serve(
+    model: ModelOpt = "gemma-3-270m",
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on; 0.0.0.0 exposes "
+                                      "the server to your network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8080,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="GEMMA_API_KEY",
+        help="Require `Authorization: Bearer KEY` on /v1 requests.")] = None,
+    cors: Annotated[list[str] | None, typer.Option(
+        "--cors", help="Allow browser requests from this origin (repeatable, or *).")] = None,
+    backend: BackendOpt = "auto",
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
+    import uvicorn
+
+    from .server import create_app
+
+    if not 0 < port < 65536:
+        raise click.UsageError(f"invalid port {port}")
+    resolved, engine = _load(model, backend, ctx, threads, spinner=True)
+    try:
+        names = [engine.info.name]
+        if resolved.spec is not None:
+            names += [resolved.spec.name, *resolved.spec.aliases]
+        names.append(model)
+        app_ = create_app(engine, names, api_key=api_key, cors=cors or ())
+        url = f"http://{host}:{port}/v1"
+        _stderr().print(f"serving [bold]{engine.info.name}[/bold] ({engine.info.backend}, "
+                        f"context {engine.info.n_ctx}) at {url}; requests are served one at a "
+                        f"time{'; API key required' if api_key else ''}. Ctrl-C stops.")
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
 def _list_conversations() -> None:
     from rich.console import Console
     from rich.table import Table

@@ -31,7 +31,8 @@ PROMPT_FORMAT = (
 )
 
 
-def _content(message: Mapping[str, object], index: int) -> str:
+def content_text(message: Mapping[str, object], index: int) -> str:
+    """A message's content as text: a string, or OpenAI-style text parts joined."""
     content = message.get("content")
     if isinstance(content, str):
         return content
@@ -64,7 +65,7 @@ def normalize(messages: Iterable[Mapping[str, object]]) -> tuple[str | None, lis
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r} (use system, user or assistant)")
-        content = _content(message, i)
+        content = content_text(message, i)
         if role == "system":
             if i != 0:
                 raise ValueError(f"message {i}: a system message may only come first")

@@ -1,0 +1,422 @@
+"""``gemma serve``: an OpenAI-compatible HTTP API over one loaded model.
+
+    app = create_app(backend, names=["gemma-3-270m", "270m"])
+    uvicorn.run(app, host="127.0.0.1", port=8080)
+
+Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events, or not),
+``POST /v1/completions``, ``GET /v1/models``, ``GET /health``. One model is in memory and
+requests are served one at a time, in arrival order; the KV cache is re-used for the longest
+common token prefix, so a request that extends the previous conversation only evaluates its new
+tokens. Generation runs in a worker thread; a client that disconnects mid-stream stops it
+within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import template
+from .backends.base import Backend, Chunk, SamplingParams, Stats, apply_model_defaults
+from .errors import GemmaChatError
+
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type_, param, code)
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back any tail that could still
+    become one, so a stop string is never sent in part."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.buffer = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to send, whether a stop string was hit)."""
+        self.buffer += text
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buffer = self.buffer[: min(hits)], ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.buffer)), 0, -1):
+                if self.buffer.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.buffer[: len(self.buffer) - hold]
+        self.buffer = self.buffer[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+@dataclass
+class Job:
+    """One validated generation request."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    stops: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Counters:
+    served: int = 0
+    cancelled: int = 0
+    waiting: int = 0
+
+
+class Server:
+    """The loaded model, the queue in front of it, and the request handlers."""
+
+    def __init__(self, backend: Backend, names: Iterable[str], api_key: str | None = None,
+                 max_body: int = DEFAULT_MAX_BODY):
+        self.backend = backend
+        self.names = list(dict.fromkeys(n for n in names if n))
+        self.api_key = api_key
+        self.max_body = max_body
+        self.lock = asyncio.Lock()
+        self.counters = Counters()
+        self.created = int(time.time())
+        self.defaults = apply_model_defaults(SamplingParams(), backend.info.sampling_defaults)
+
+    # -- request parsing ----------------------------------------------------------------------
+
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                           "authentication_error", code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            raise APIError(413, f"request body over {self.max_body} bytes", code="too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_body:
+                raise APIError(413, f"request body over {self.max_body} bytes", code="too_large")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return data
+
+    def check_model(self, data: dict) -> None:
+        model = data.get("model")
+        if model is not None and model not in self.names:
+            raise APIError(404, f"model {model!r} is not served here; this server has "
+                                f"{self.names[0]!r}", code="model_not_found", param="model")
+
+    def sampling(self, data: dict, prompt_len: int) -> SamplingParams:
+        def number(name: str, kind=float):
+            value = data.get(name)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or (kind is int and not float(value).is_integer()):
+                raise APIError(400, f"{name} must be a{'n integer' if kind is int else ' number'}",
+                               param=name)
+            return kind(value)
+
+        if data.get("n") not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n")
+        if data.get("logprobs"):
+            raise APIError(400, "logprobs are not supported", param="logprobs")
+        max_tokens = number("max_completion_tokens", int) or number("max_tokens", int)
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+        room = self.backend.info.n_ctx - prompt_len
+        if room < 1:
+            raise APIError(400, f"the prompt is {prompt_len} tokens and the context holds "
+                                f"{self.backend.info.n_ctx}", code="context_length_exceeded")
+        max_tokens = min(max_tokens or room, room)  # capped by the context
+        overrides = {
+            "temperature": number("temperature"), "top_p": number("top_p"),
+            "top_k": number("top_k", int), "min_p": number("min_p"),
+            "repeat_penalty": number("repeat_penalty"), "seed": number("seed", int),
+            "max_tokens": max_tokens,
+        }
+        try:
+            return self.defaults.with_overrides(**overrides)
+        except GemmaChatError as exc:
+            raise APIError(400, str(exc)) from None
+
+    @staticmethod
+    def stops(data: dict) -> list[str]:
+        stop = data.get("stop")
+        if stop is None:
+            return []
+        stops = [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)) \
+                or len(stops) > MAX_STOP_STRINGS:
+            raise APIError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} "
+                                "strings", param="stop")
+        return stops
+
+    def chat_prompt(self, data: dict) -> list[int]:
+        """Token ids of the chat template over ``messages``. Leading system (or developer)
+        messages are joined into one; Gemma folds it into the first user turn."""
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "messages must be a non-empty list", param="messages")
+        normalized: list[dict[str, str]] = []
+        try:
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict):
+                    raise ValueError(f"message {i} must be an object")
+                role = message.get("role")
+                role = "system" if role == "developer" else role  # newer clients say developer
+                content = template.content_text(message, i)
+                if role == "system" and normalized and normalized[-1]["role"] == "system" \
+                        and len(normalized) == 1:
+                    normalized[0]["content"] += "\n\n" + content
+                    continue
+                normalized.append({"role": role, "content": content})
+            return self.backend.tokenize(template.render(normalized))
+        except ValueError as exc:
+            raise APIError(400, f"invalid messages: {exc}", param="messages") from None
+
+    def completion_prompt(self, data: dict) -> list[int]:
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(400, "prompt must be a non-empty string", param="prompt")
+        ids = self.backend.tokenize(prompt)
+        bos = self.backend.info.bos_id
+        return ids if ids[:1] == [bos] else [bos, *ids]
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def generate(self, job: Job) -> AsyncIterator[tuple[str, Stats | None, str | None]]:
+        """Yield (text, stats, finish_reason) as the model writes; one request at a time.
+
+        The backend runs in a worker thread; if the consumer stops early (a client
+        disconnected), the generation is cancelled and the lock is released when the worker
+        has finished, never before."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        backend = self.backend
+
+        def worker() -> None:
+            try:
+                for chunk in backend.stream(job.prompt, job.sampling):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except BaseException as exc:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        self.counters.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.counters.waiting -= 1
+        future = loop.run_in_executor(None, worker)
+        future.add_done_callback(lambda _: self.lock.release())
+        stops = StopStrings(job.stops)
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                chunk: Chunk = item
+                text, hit = stops.feed(chunk.text)
+                if hit:
+                    backend.cancel()
+                    stats = await self._drain(queue)
+                    done = True
+                    yield text, stats, "stop"
+                    return
+                if chunk.stats is not None:
+                    text += stops.flush()
+                    done = True
+                    reason = "stop" if chunk.stats.stop_reason == "stop" else "length"
+                    yield text, chunk.stats, reason
+                    return
+                if text:
+                    yield text, None, None
+        finally:
+            self.counters.served += 1
+            if not done:
+                backend.cancel()  # the client left: stop within one token
+                self.counters.cancelled += 1
+
+    @staticmethod
+    async def _drain(queue: asyncio.Queue) -> Stats | None:
+        stats = None
+        while True:
+            item = await queue.get()
+            if item is None or isinstance(item, BaseException):
+                return stats
+            if item.stats is not None:
+                stats = item.stats
+
+
+def usage(prompt_len: int, stats: Stats | None) -> dict[str, object]:
+    """OpenAI's usage record; ``cached_tokens`` counts the prompt tokens the KV cache held."""
+    completion = stats.generated_tokens if stats else 0
+    return {"prompt_tokens": prompt_len, "completion_tokens": completion,
+            "total_tokens": prompt_len + completion,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens if stats else 0}}
+
+
+def sse(data: object) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = None,
+               cors: Sequence[str] = (), max_body: int = DEFAULT_MAX_BODY) -> Starlette:
+    """The ASGI application serving ``backend`` under the model ``names`` (the first is the
+    full name)."""
+    server = Server(backend, names, api_key, max_body)
+
+    def guarded(handler):
+        async def endpoint(request: Request) -> Response:
+            try:
+                if request.url.path != "/health":
+                    server.check_auth(request)
+                return await handler(request)
+            except APIError as exc:
+                return exc.response()
+        return endpoint
+
+    async def health(request: Request) -> Response:
+        info = server.backend.info
+        return JSONResponse({
+            "status": "ok", "model": server.names[0], "backend": info.backend,
+            "context": info.n_ctx, "concurrency": 1,
+            "note": "one model in memory; requests are served one at a time, in order",
+            "waiting": server.counters.waiting, "busy": server.lock.locked(),
+            "served": server.counters.served, "cancelled": server.counters.cancelled,
+        })
+
+    async def models(request: Request) -> Response:
+        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "google"}
+                for name in server.names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(request: Request) -> Response:
+        data = await server.read_json(request)
+        server.check_model(data)
+        prompt = server.chat_prompt(data)
+        job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        model = data.get("model") or server.names[0]
+        base = {"id": ident, "created": created, "model": model}
+        if data.get("stream"):
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+
+            async def events():
+                first = {**base, "object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""},
+                     "finish_reason": None}]}
+                yield sse(first)
+                stats = None
+                async for text, stats_, reason in server.generate(job):
+                    stats = stats_ or stats
+                    delta = {"content": text} if text else {}
+                    if text or reason:
+                        yield sse({**base, "object": "chat.completion.chunk", "choices": [
+                            {"index": 0, "delta": delta, "finish_reason": reason}]})
+                if include_usage:
+                    yield sse({**base, "object": "chat.completion.chunk", "choices": [],
+                               "usage": usage(len(job.prompt), stats)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        pieces, stats, reason = [], None, "stop"
+        async for text, stats_, reason_ in server.generate(job):
+            pieces.append(text)
+            stats, reason = stats_ or stats, reason_ or reason
+        return JSONResponse({**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+             "finish_reason": reason}], "usage": usage(len(job.prompt), stats)})
+
+    async def completions(request: Request) -> Response:
+        data = await server.read_json(request)
+        server.check_model(data)
+        prompt = server.completion_prompt(data)
+        job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": data.get("model") or server.names[0]}
+        if data.get("stream"):
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+
+            async def events():
+                stats = None
+                async for text, stats_, reason in server.generate(job):
+                    stats = stats_ or stats
+                    if text or reason:
+                        yield sse({**base, "object": "text_completion", "choices": [
+                            {"index": 0, "text": text, "finish_reason": reason,
+                             "logprobs": None}]})
+                if include_usage:
+                    yield sse({**base, "object": "text_completion", "choices": [],
+                               "usage": usage(len(job.prompt), stats)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        pieces, stats, reason = [], None, "stop"
+        async for text, stats_, reason_ in server.generate(job):
+            pieces.append(text)
+            stats, reason = stats_ or stats, reason_ or reason
+        return JSONResponse({**base, "object": "text_completion", "choices": [
+            {"index": 0, "text": "".join(pieces), "finish_reason": reason, "logprobs": None}],
+            "usage": usage(len(job.prompt), stats)})
+
+    middleware = []
+    if cors:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors),
+                                     allow_methods=["GET", "POST", "OPTIONS"],
+                                     allow_headers=["authorization", "content-type"]))
+    routes = [
+        Route("/health", guarded(health), methods=["GET"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
+        Route("/v1/completions", guarded(completions), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, middleware=middleware)
+    app.state.server = server
+    return app
