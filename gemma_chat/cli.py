@@ -154,7 +154,32 @@ def _pull_on_first_use(model: str, fmt: str, yes: bool):
         if not typer.confirm(f"{spec.name} is not on disk. Download it now?", default=True,
                              err=True):
             return None
-    return hub.pull(model, fmt, console=_stderr())
+    return _pull_with_login(model, fmt, "q4", quiet=False)
+
+
+def _pull_with_login(model: str, fmt: str, quant: str, quiet: bool):
+    """``hub.pull``; on a gated repo at a terminal, offer to paste a token, log in with it
+    (huggingface_hub's own login) and try again. In a script: the message and exit code."""
+    import getpass
+
+    from . import hub
+
+    try:
+        return hub.pull(model, fmt, quant, quiet=quiet, console=_stderr())
+    except hub.GatedRepo as exc:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise
+        err = _stderr()
+        err.print(f"[yellow]{exc}[/yellow]")
+        err.print(f"Accept the license at https://huggingface.co/{exc.repo}, then paste a "
+                  "token from https://huggingface.co/settings/tokens (input hidden; empty to "
+                  "give up).")
+        token = getpass.getpass("Hugging Face token: ")
+        if not token.strip():
+            raise
+        name = hub.login_with(token)
+        err.print(f"[dim]logged in as {name}; the token is stored by huggingface_hub[/dim]")
+        return hub.pull(model, fmt, quant, quiet=quiet, console=err)
 
 
 def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinner: bool,
@@ -177,6 +202,12 @@ def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinne
         if resolved is None:
             raise
     debug = bool(os.environ.get("GEMMA_DEBUG"))
+    if resolved.format == "gguf":
+        from .memory import load_warning
+
+        warning = load_warning(resolved.path, ctx)
+        if warning:
+            _stderr().print(f"[yellow]warning: {warning}[/yellow]")
     start = time.perf_counter()
     if spinner and sys.stderr.isatty():
         with _stderr().status(f"loading {resolved.name} ({backend} backend)"):
@@ -430,13 +461,12 @@ def pull(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Download a model's weights for the backend (into the Hugging Face cache)."""
-    from . import hub
     from .backends import formats_for
     from .quant import parse
 
     fmt = formats_for(backend)[0]
     parse(quant, fmt if fmt == "mlx" else "gguf")
-    resolved = hub.pull(model, fmt, quant, quiet=quiet, console=_stderr())
+    resolved = _pull_with_login(model, fmt, quant, quiet)
     _stderr().print(f"{resolved.name}: {resolved.path}")
 
 

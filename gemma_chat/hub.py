@@ -36,6 +36,14 @@ class HubError(GemmaChatError):
     """The Hub refused or could not be reached; the message says what to do."""
 
 
+class GatedRepo(HubError):
+    """A gated or private repo and no token that opens it."""
+
+    def __init__(self, message: str, repo: str):
+        super().__init__(message)
+        self.repo = repo
+
+
 class NotEnoughSpace(GemmaChatError):
     """The download does not fit on the disk."""
 
@@ -135,8 +143,9 @@ def _hub_errors(repo: str, filename: str | None = None):
                 return False
             page = f"https://huggingface.co/{repo}"
             if isinstance(exc, GatedRepoError):
-                raise HubError(f"{repo} is gated: accept its license at {page}, then log in "
-                               "with `hf auth login` (or set HF_TOKEN) and pull again") from None
+                raise GatedRepo(f"{repo} is gated: accept its license at {page}, then log in "
+                                "with `hf auth login` (or set HF_TOKEN) and pull again",
+                                repo) from None
             if isinstance(exc, RepositoryNotFoundError):
                 raise HubError(f"{repo} was not found on the Hub (a private repo needs a token: "
                                "`hf auth login` or HF_TOKEN)") from None
@@ -148,9 +157,9 @@ def _hub_errors(repo: str, filename: str | None = None):
             if isinstance(exc, HfHubHTTPError):
                 status = getattr(exc.response, "status_code", "?")
                 if status in (401, 403):
-                    raise HubError(f"{repo} needs a Hugging Face token ({status}): accept the "
-                                   f"license at {page}, then `hf auth login` or set "
-                                   "HF_TOKEN") from None
+                    raise GatedRepo(f"{repo} needs a Hugging Face token ({status}): accept the "
+                                    f"license at {page}, then `hf auth login` or set "
+                                    "HF_TOKEN", repo) from None
                 raise HubError(f"the Hub answered {status} for {repo}") from None
             if isinstance(exc, (ConnectionError, TimeoutError)) or \
                     type(exc).__module__.startswith(("httpx", "httpcore")):
@@ -283,3 +292,28 @@ def pull(model: str, fmt: str = "gguf", quant: str = "q4", *, quiet: bool = Fals
         if RichProgress.progress is not None:
             RichProgress.progress.stop()
         RichProgress.progress = None
+
+
+def login_with(token: str) -> str:
+    """Store ``token`` with huggingface_hub's own login (which checks it with the Hub's whoami
+    endpoint); return the account name. The token itself is never printed."""
+    from huggingface_hub import login, whoami
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = token.strip()
+    if not token:
+        raise InvalidArgument("no token given")
+    rejected = HubError("the Hub did not accept that token; check it at "
+                        "https://huggingface.co/settings/tokens")
+    try:
+        login(token=token, add_to_git_credential=False)
+        return str(whoami(token=token).get("name", "?"))
+    except ValueError:
+        raise rejected from None
+    except HfHubHTTPError as exc:
+        if getattr(exc.response, "status_code", None) in (401, 403):
+            raise rejected from None
+        raise HubError(f"could not check the token with the Hub ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - network or HTTP errors from whoami
+        raise HubError(f"could not check the token with the Hub ({type(exc).__name__})") \
+            from None

@@ -95,3 +95,19 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def load_warning(path, n_ctx: int | None) -> str | None:
+    """Checked again at load time: a warning when a GGUF model will not fit in memory."""
+    from .gguf_file import read_gguf
+
+    info = read_gguf(path)
+    shape, arch = shape_from_gguf(info)
+    ctx = n_ctx or min(info.context_length or 8192, 8192)
+    est = estimate(shape, arch, info.file_size, ctx)
+    ram = total_ram()
+    if ram is not None and est.total > ram * 0.9:
+        return (f"{path.name} needs about {human(est.total)} at context {ctx} and this machine "
+                f"has {human(ram)}: expect heavy swapping (a smaller --ctx or quantization "
+                "helps)")
+    return None

@@ -109,6 +109,37 @@ def test_gated_repo_message_has_license_and_login(stub, online):
     assert stub.token not in ok.stderr + ok.stdout
 
 
+def test_guided_login_at_a_terminal(stub, online, tmp_path):
+    import pexpect
+    from conftest import GEMMA
+
+    stub.add(REPO, FILE, b"z" * 20_000)
+    stub.gated.add(REPO)
+    stub.token = "hf_guided_login_token_42"
+    hf_home = tmp_path / "hf-home-login"
+    env = {**os.environ, **env_for(stub, online), "HF_HOME": str(hf_home), "TERM": "dumb"}
+    env.pop("HF_TOKEN")
+    child = pexpect.spawn(str(GEMMA), ["pull", "2b-it", "--backend", "llama.cpp"], env=env,
+                          encoding="utf-8", timeout=60)
+    child.expect("is gated")
+    child.expect("Hugging Face token: ")
+    child.sendline("wrong-token")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and "did not accept that token" in child.before
+    child = pexpect.spawn(str(GEMMA), ["pull", "2b-it", "--backend", "llama.cpp"], env=env,
+                          encoding="utf-8", timeout=60)
+    child.expect("Hugging Face token: ")
+    child.sendline(stub.token)
+    child.expect(pexpect.EOF)
+    transcript = child.before
+    child.close()
+    assert child.exitstatus == 0, transcript
+    assert "logged in as tester" in transcript and stub.token not in transcript
+    assert (hf_home / "token").read_text().strip() == stub.token  # huggingface_hub stored it
+    assert list(online.rglob(FILE))
+
+
 def test_disk_space_is_checked_first(stub, online, monkeypatch):
     import shutil
     from collections import namedtuple
