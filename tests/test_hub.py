@@ -82,6 +82,23 @@ def test_a_dropped_connection_is_resumed_with_a_range_request(stub, online):
     assert not list(online.rglob("*.incomplete"))
 
 
+def test_slow_server_with_progress(stub, online):
+    import io
+
+    from rich.console import Console
+
+    data = os.urandom(2_000_000)
+    stub.add(REPO, FILE, data)
+    stub.delay = 0.02  # per 64 KB: about 0.6 s in all
+    buf = io.StringIO()
+    resolved = hub.pull("2b-it", "gguf", console=Console(file=buf, force_terminal=True,
+                                                         width=120))
+    assert resolved.path.read_bytes() == data
+    shown = buf.getvalue()
+    assert FILE[-30:] in shown and "2.0" in shown and "MB" in shown  # file, bytes
+    assert "needs about" in shown
+
+
 def test_corrupt_download_is_detected_and_removed(stub, online, monkeypatch):
     stub.add(REPO, FILE, os.urandom(100_000))
     real = stub.sha256
