@@ -2,11 +2,11 @@
 
     python benchmarks/chat_turns.py [-m MODEL] [--turns 10] [--runs 3] [--ctx 4096]
 
-Each run is a fresh conversation (empty KV cache) of ``--turns`` user turns of about 50 tokens,
-replies capped at 64 tokens, greedy, with a context large enough that nothing is trimmed. Per
-turn: prompt tokens, tokens evaluated, time to first token and decode t/s, as the median over
-``--runs`` runs. With KV cache reuse, turn 10's TTFT stays close to turn 2's although its prompt
-is several times longer; without it, TTFT grows with the conversation.
+The same scenario as ``gemma bench --chat-turns`` (``gemma_chat.bench.run_chat``), printed as
+one table with the ratio of turn 10's time to first token to turn 2's: fresh conversations of
+~50-token user turns, replies capped at 64 tokens, greedy, a context large enough that nothing
+is trimmed, median over ``--runs`` runs. With KV cache reuse every turn evaluates only its new
+tokens, so TTFT stays close to turn 2's although the prompt grows several times over.
 """
 
 from __future__ import annotations
@@ -15,20 +15,9 @@ import argparse
 import statistics
 import sys
 
-from gemma_chat.backends.base import SamplingParams
 from gemma_chat.backends.llamacpp import LlamaCppBackend, default_threads
-from gemma_chat.chat import Conversation
+from gemma_chat.bench import run_chat
 from gemma_chat.resolve import resolve
-
-TOPICS = ["rivers", "mountains", "bread", "trains", "libraries", "gardens", "bridges", "music",
-          "winter", "the sea", "clocks", "maps"]
-
-
-def user_turn(i: int) -> str:
-    topic = TOPICS[i % len(TOPICS)]
-    return (f"Question {i + 1}: tell me three short facts about {topic}, and explain in plain "
-            f"words why people have always cared about {topic}, how {topic} changed over the "
-            f"last century, and what a child might notice first about {topic}.")
 
 
 def main() -> int:
@@ -38,38 +27,23 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--no-flash-attn", action="store_true")
     args = parser.parse_args()
 
-    backend = LlamaCppBackend(resolve(args.model), n_ctx=args.ctx, threads=args.threads,
-                              flash_attn=not args.no_flash_attn)
-    sampling = SamplingParams(temperature=0, max_tokens=64)
-    per_turn: list[list] = [[] for _ in range(args.turns)]
-    for run in range(args.runs):
-        backend.trim_cache(0)
-        convo = Conversation(backend)
-        for i in range(args.turns):
-            for _ in convo.send(user_turn(i), sampling):
-                pass
-            assert convo.dropped == 0, "the context is too small: raise --ctx"
-            per_turn[i].append(convo.last_stats)
-        print(f"run {run + 1}/{args.runs}: {len(convo.ids)} tokens in context", file=sys.stderr)
-
+    backend = LlamaCppBackend(resolve(args.model), n_ctx=args.ctx, threads=args.threads)
+    turns = run_chat(backend, args.turns, args.runs,
+                     progress=lambda s: print(s, file=sys.stderr, end="\r"))
+    med = statistics.median
     print(f"\n{backend.info.name} ({backend.info.quantization}), {args.threads} threads, "
-          f"ctx {args.ctx}, flash attention {'off' if args.no_flash_attn else 'on'}, "
-          f"median of {args.runs} runs")
+          f"ctx {args.ctx}, median of {args.runs} runs")
     print("| turn | prompt tokens | evaluated | TTFT (ms) | decode t/s |")
     print("|---:|---:|---:|---:|---:|")
-    ttft = []
-    for i, stats in enumerate(per_turn):
-        med = statistics.median
-        ttft.append(med(s.ttft_s for s in stats))
-        print(f"| {i + 1} | {med(s.prompt_tokens for s in stats):.0f} | "
-              f"{med(s.prompt_eval_tokens for s in stats):.0f} | {ttft[-1] * 1000:.0f} | "
-              f"{med(s.decode_tps for s in stats):.1f} |")
+    ttft = [med(t.ttft_s) for t in turns]
+    for i, t in enumerate(turns):
+        print(f"| {i + 1} | {med(t.extra['prompt_tokens']):.0f} | "
+              f"{med(t.extra['evaluated']):.0f} | {ttft[i] * 1000:.0f} | {med(t.tps):.1f} |")
     ratio = ttft[-1] / ttft[1]
-    verdict = "within" if ratio <= 1.5 else "NOT within"
-    print(f"\nturn {args.turns} TTFT / turn 2 TTFT = {ratio:.2f} ({verdict} 1.5x)")
+    print(f"\nturn {args.turns} TTFT / turn 2 TTFT = {ratio:.2f} "
+          f"({'within' if ratio <= 1.5 else 'NOT within'} 1.5x)")
     backend.close()
     return 0
 
