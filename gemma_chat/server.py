@@ -337,74 +337,64 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
                 for name in server.names]
         return JSONResponse({"object": "list", "data": data})
 
+    async def respond(data: dict, job: Job, chat: bool) -> Response:
+        """The OpenAI response for a chat or text completion: SSE when streamed, else JSON."""
+        prefix = "chatcmpl" if chat else "cmpl"
+        base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": data.get("model") or server.names[0]}
+        chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+        def piece(text: str, reason: str | None) -> dict:
+            if chat:
+                return {"index": 0, "delta": {"content": text} if text else {},
+                        "finish_reason": reason}
+            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+
+        if data.get("stream"):
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+
+            async def events():
+                if chat:  # the role comes first, as OpenAI sends it
+                    yield sse({**base, "object": chunk_object, "choices": [
+                        {"index": 0, "delta": {"role": "assistant", "content": ""},
+                         "finish_reason": None}]})
+                stats = None
+                async for text, stats_, reason in server.generate(job):
+                    stats = stats_ or stats
+                    if text or reason:
+                        yield sse({**base, "object": chunk_object,
+                                   "choices": [piece(text, reason)]})
+                if include_usage:
+                    yield sse({**base, "object": chunk_object, "choices": [],
+                               "usage": usage(len(job.prompt), stats)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        pieces, stats, reason = [], None, "stop"
+        async for text, stats_, reason_ in server.generate(job):
+            pieces.append(text)
+            stats, reason = stats_ or stats, reason_ or reason
+        text = "".join(pieces)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                   "finish_reason": reason} if chat else
+                  {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+        return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
+                             "choices": [choice], "usage": usage(len(job.prompt), stats)})
+
     async def chat_completions(request: Request) -> Response:
         data = await server.read_json(request)
         server.check_model(data)
         prompt = server.chat_prompt(data)
         job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        model = data.get("model") or server.names[0]
-        base = {"id": ident, "created": created, "model": model}
-        if data.get("stream"):
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-
-            async def events():
-                first = {**base, "object": "chat.completion.chunk", "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""},
-                     "finish_reason": None}]}
-                yield sse(first)
-                stats = None
-                async for text, stats_, reason in server.generate(job):
-                    stats = stats_ or stats
-                    delta = {"content": text} if text else {}
-                    if text or reason:
-                        yield sse({**base, "object": "chat.completion.chunk", "choices": [
-                            {"index": 0, "delta": delta, "finish_reason": reason}]})
-                if include_usage:
-                    yield sse({**base, "object": "chat.completion.chunk", "choices": [],
-                               "usage": usage(len(job.prompt), stats)})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        pieces, stats, reason = [], None, "stop"
-        async for text, stats_, reason_ in server.generate(job):
-            pieces.append(text)
-            stats, reason = stats_ or stats, reason_ or reason
-        return JSONResponse({**base, "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-             "finish_reason": reason}], "usage": usage(len(job.prompt), stats)})
+        return await respond(data, job, chat=True)
 
     async def completions(request: Request) -> Response:
         data = await server.read_json(request)
         server.check_model(data)
         prompt = server.completion_prompt(data)
         job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
-        base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": data.get("model") or server.names[0]}
-        if data.get("stream"):
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-
-            async def events():
-                stats = None
-                async for text, stats_, reason in server.generate(job):
-                    stats = stats_ or stats
-                    if text or reason:
-                        yield sse({**base, "object": "text_completion", "choices": [
-                            {"index": 0, "text": text, "finish_reason": reason,
-                             "logprobs": None}]})
-                if include_usage:
-                    yield sse({**base, "object": "text_completion", "choices": [],
-                               "usage": usage(len(job.prompt), stats)})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        pieces, stats, reason = [], None, "stop"
-        async for text, stats_, reason_ in server.generate(job):
-            pieces.append(text)
-            stats, reason = stats_ or stats, reason_ or reason
-        return JSONResponse({**base, "object": "text_completion", "choices": [
-            {"index": 0, "text": "".join(pieces), "finish_reason": reason, "logprobs": None}],
-            "usage": usage(len(job.prompt), stats)})
+        return await respond(data, job, chat=False)
 
     middleware = []
     if cors:
