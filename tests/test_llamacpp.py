@@ -74,6 +74,17 @@ def test_greedy_is_deterministic_and_streams_join(backend):
     assert stats1.prompt_tokens == len(ids) and stats1.ttft_s > 0 and stats1.decode_tps > 0
 
 
+def test_greedy_fast_path_matches_llama_cpp_greedy_sampler(backend):
+    ids = runmod.prompt_ids(backend, "The history of the bicycle", chat=False)
+    sp = SamplingParams(temperature=0, max_tokens=24)
+    backend.trim_cache(0)
+    fast = collect(backend, ids, sp)[1]
+    backend.trim_cache(0)
+    chain = collect(backend, ids, sp, logit_bias={5: 0.0})[1]  # a no-op bias: the chain path
+    assert fast.sampler == "greedy" and chain.sampler == "logit_bias > greedy"
+    assert fast.token_ids == chain.token_ids
+
+
 def test_forced_end_of_turn_stops_and_is_not_printed(backend):
     ids = backend.tokenize(render([{"role": "user", "content": "Say hi"}]))
     text, stats, _ = collect(backend, ids, logit_bias={EOT: 100.0})

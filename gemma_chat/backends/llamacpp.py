@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import BackendError, ContextOverflow, InvalidArgument, missing_extra
 from ..gguf_file import check_gemma, read_gguf
 from ..template import END_OF_TURN
@@ -251,7 +253,21 @@ class LlamaCppBackend:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def _greedy_argmax(self):
+        """Pure greedy decoding: the argmax of the last logits, read in place. llama.cpp's
+        sampler would first copy all 262k logits into a candidate array (0.42 ms a token
+        here, against 0.04 ms)."""
+        get_logits, ctx, n_vocab = llama_cpp.llama_get_logits_ith, self._ctx.ctx, self._n_vocab
+        as_array = np.ctypeslib.as_array
+
+        def sample(_ctx, _idx) -> int:
+            return int(as_array(get_logits(ctx, -1), shape=(n_vocab,)).argmax())
+
+        return sample
+
     def _sampler(self, sp: SamplingParams, logit_bias, history: Sequence[int]):
+        if sp.greedy and not logit_bias and sp.repeat_penalty == 1.0:
+            return None, "greedy"
         chain = _internals.LlamaSampler()
         names = []
         if logit_bias:
@@ -336,7 +352,8 @@ class LlamaCppBackend:
         limit = sp.max_tokens
         generated = stats.token_ids
         t_first = None
-        sample, push = chain.sample, detok.push
+        sample = chain.sample if chain is not None else self._greedy_argmax()
+        push = detok.push
         try:
             while True:
                 if self._cancel.is_set():
@@ -361,7 +378,8 @@ class LlamaCppBackend:
                     break
                 llm.eval([token])
         finally:
-            chain.close()
+            if chain is not None:
+                chain.close()
         stats.generated_tokens = len(generated)
         if t_first is not None:
             stats.decode_s = time.perf_counter() - t_first
