@@ -179,23 +179,23 @@ def test_help_and_version_do_not_import_inference_libraries():
     assert version.returncode == 0 and version.stdout.startswith("gemma-chat ")
 
 
-def test_backend_without_its_library_names_the_pip_install():
-    import importlib.util
+def hide_module_and_run(module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter where ``module`` cannot be imported."""
+    code = (f"import sys; sys.modules[{module!r}] = None; "
+            "import importlib.util as u; orig = u.find_spec; "
+            f"u.find_spec = lambda n, *a: None if n == {module!r} else orig(n, *a); "
+            f"from gemma_chat.cli import main; sys.exit(main({args!r}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=os.environ.copy())
 
-    if importlib.util.find_spec("mlx_lm") is not None:
-        pytest.skip("mlx-lm is installed here")
-    assert_clean_error(run_gemma("run", "--backend", "mlx", "Hi"),
-                       "pip install 'gemma-chat[mlx]'")
+
+def test_backend_without_its_library_names_the_pip_install():
+    result = hide_module_and_run("mlx_lm", ["run", "--backend", "mlx", "Hi"])
+    assert_clean_error(result, "pip install 'gemma-chat[mlx]'")
 
 
 def test_missing_extra_names_the_pip_install(tmp_path):
-    # Hide llama_cpp from the import system: the error must say which extra to install.
-    code = ("import sys; sys.modules['llama_cpp'] = None; "
-            "import importlib.util as u; orig = u.find_spec; "
-            "u.find_spec = lambda n, *a: None if n == 'llama_cpp' else orig(n, *a); "
-            "from gemma_chat.cli import main; sys.exit(main(['run', 'Hi']))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=os.environ.copy())
+    result = hide_module_and_run("llama_cpp", ["run", "Hi"])
     assert result.returncode == 1
     assert "pip install 'gemma-chat[llama]'" in result.stderr
     assert "Traceback" not in result.stderr

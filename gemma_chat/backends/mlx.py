@@ -1,0 +1,279 @@
+"""The MLX backend, on mlx-lm: mlx-lm model folders (config.json, safetensors, tokenizer).
+
+On Apple Silicon this runs on the GPU with unified memory; on Linux ``mlx[cpu]`` runs it on the
+CPU (slowly for quantized weights: fine for correctness, not a speed reference).
+
+The token loop is mlx-lm's ``generate_step`` with its samplers and logits processors; stopping,
+detokenization (mlx-lm's streaming detokenizer) and the stats are ours, so both backends behave
+the same. The prompt cache lives across calls: a prompt that extends the cached tokens evaluates
+only the rest, and after a roll-back the cache is trimmed to the common prefix where mlx-lm
+can (a rotating sliding-window cache cannot be trimmed once it has wrapped: then the prompt is
+re-evaluated, and the stats say so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from ..errors import BackendError, ContextOverflow, InvalidArgument, missing_extra
+from ..template import END_OF_TURN
+from .base import Chunk, ModelInfo, Prompt, SamplingParams, Stats
+
+DEFAULT_MAX_CTX = 8192
+ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
+                 "gemma3_text": "gemma3"}
+
+try:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load as mlx_load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+except ImportError:  # pragma: no cover - exercised where the extra is missing
+    mx = None
+
+
+def _generation_config(path: Path) -> dict[str, float]:
+    """The model's own recommended sampling (generation_config.json), where it ships one."""
+    try:
+        config = json.loads((path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    keys = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p"}
+    return {ours: config[k] for k, ours in keys.items()
+            if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+
+
+class MLXBackend:
+    """An mlx-lm model with one prompt cache that persists between calls."""
+
+    name = "mlx"
+
+    def __init__(self, resolved, *, n_ctx: int | None = None, threads: int | None = None,
+                 verbose: bool = False, **_ignored):
+        if mx is None:
+            raise missing_extra("mlx-lm", "mlx")
+        path = Path(resolved.path)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"cannot read {path / 'config.json'}: {exc}") from None
+        arch = ARCHITECTURES.get(config.get("model_type"))
+        if arch is None:
+            raise BackendError(f"{path.name} is a {config.get('model_type')!r} model, not Gemma")
+        text = config.get("text_config", config)
+        n_ctx_train = int(text.get("max_position_embeddings") or DEFAULT_MAX_CTX)
+        self.context_note = ""
+        if arch == "gemma2":
+            # mlx-lm's gemma2 has no sliding-window mask: past the window its output would be
+            # silently wrong, so the context stops there.
+            window = int(text.get("sliding_window") or 4096)
+            if n_ctx_train > window:
+                n_ctx_train = window
+                self.context_note = (f"context capped at {window}: mlx-lm's Gemma 2 has no "
+                                     "sliding-window attention mask")
+        if n_ctx is None:
+            n_ctx = min(n_ctx_train, DEFAULT_MAX_CTX)
+        if n_ctx < 16:
+            raise InvalidArgument(f"invalid context size {n_ctx}: must be at least 16")
+        if n_ctx > n_ctx_train:
+            raise InvalidArgument(f"--ctx {n_ctx} is more than this model allows on MLX "
+                                  f"({n_ctx_train})")
+        try:
+            self._model, self._tok = mlx_load(str(path))
+        except Exception as exc:  # noqa: BLE001 - mlx-lm raises many kinds on a bad folder
+            raise BackendError(f"mlx-lm could not load {path.name}: {exc}") from None
+        self._n_ctx = n_ctx
+        self._cache = make_prompt_cache(self._model)
+        self._cached: list[int] = []
+        self._cancel = threading.Event()
+        tok = self._tok
+        self._vocab_size = int(text.get("vocab_size") or len(tok.get_vocab()))
+        eot = tok.convert_tokens_to_ids(END_OF_TURN)
+        self._eot = eot if isinstance(eot, int) and eot != tok.unk_token_id else None
+        self._eos = {int(t) for t in (tok.eos_token_ids or [])} | {int(tok.eos_token_id)}
+        quant = config.get("quantization") or {}
+        quantization = (f"{quant['bits']}-bit, group {quant.get('group_size', 64)}"
+                        if "bits" in quant else str(config.get("torch_dtype", "unquantized")))
+        n_params = sum(v.size for _, v in tree_flatten(self._model.parameters()))
+        self.info = ModelInfo(
+            name=resolved.name, path=path, backend=self.name, architecture=arch,
+            quantization=quantization, n_ctx=n_ctx, n_ctx_train=n_ctx_train,
+            n_vocab=self._vocab_size, n_params=int(n_params),
+            instruction_tuned=resolved.instruction_tuned, bos_id=int(tok.bos_token_id),
+            eos_id=int(tok.eos_token_id), end_of_turn_id=self._eot,
+            device=str(mx.default_device()).split("(")[-1].split(",")[0].strip().lower(),
+            threads=None, gpu_layers=0, sampling_defaults=_generation_config(path))
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        if not text:
+            return []
+        return list(self._tok.encode(text, add_special_tokens=False,
+                                     split_special_tokens=not special))
+
+    def detokenize(self, ids: Sequence[int], *, special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=not special)
+
+    # -- the prompt cache -------------------------------------------------------------------
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        return list(self._cached)
+
+    def trim_cache(self, n_tokens: int) -> str:
+        n_tokens = max(0, min(n_tokens, len(self._cached)))
+        drop = len(self._cached) - n_tokens
+        note = ""
+        if drop and n_tokens and not can_trim_prompt_cache(self._cache):
+            note = ("re-evaluated the prompt: the sliding-window cache has wrapped and cannot "
+                    "be trimmed back")
+            n_tokens = 0
+        if n_tokens == 0:
+            self._cache = make_prompt_cache(self._model)
+        elif drop:
+            trim_prompt_cache(self._cache, drop)
+        self._cached = self._cached[:n_tokens]
+        return note
+
+    # mlx writes and reads safetensors by file extension: the state files get one on disk
+    # only for the moment mlx needs it.
+
+    def save_state(self, path: Path) -> None:
+        from mlx_lm.models.cache import save_prompt_cache
+
+        written = Path(str(path) + ".safetensors")
+        save_prompt_cache(str(written), self._cache, {"tokens": json.dumps(self._cached)})
+        os.replace(written, path)
+
+    def load_state(self, path: Path) -> list[int]:
+        from mlx_lm.models.cache import load_prompt_cache
+
+        with tempfile.TemporaryDirectory() as tmp:
+            link = Path(tmp) / "state.safetensors"
+            link.symlink_to(Path(path).resolve())
+            try:
+                cache, meta = load_prompt_cache(str(link), return_metadata=True)
+            except Exception as exc:  # noqa: BLE001
+                raise BackendError(f"{path} is not a prompt cache of this model: {exc}") \
+                    from None
+        self._cache, self._cached = cache, json.loads(meta.get("tokens", "[]"))
+        return list(self._cached)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def stream(self, prompt: Prompt, sampling: SamplingParams, *, ignore_eos: bool = False,
+               logit_bias: Mapping[int, float] | None = None,
+               stop_ids: Sequence[int] | None = None) -> Iterator[Chunk]:
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise InvalidArgument("the prompt is empty")
+        if len(ids) >= self._n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(ids)} tokens and the context holds {self._n_ctx}; "
+                f"shorten it or raise --ctx (the model allows {self.info.n_ctx_train})")
+        bad = [t for t in ids if not 0 <= t < self._vocab_size]
+        if bad:
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary")
+        return self._generate(ids, sampling, ignore_eos, logit_bias, stop_ids)
+
+    def _generate(self, ids, sp, ignore_eos, logit_bias, stop_ids) -> Iterator[Chunk]:
+        self._cancel.clear()
+        stops = set(stop_ids or ())
+        if not ignore_eos:
+            stops |= self._eos
+            if self._eot is not None:
+                stops.add(self._eot)
+        t_start = time.perf_counter()
+        lcp = 0
+        for a, b in zip(self._cached, ids):
+            if a != b:
+                break
+            lcp += 1
+        lcp = min(lcp, len(ids) - 1)  # at least one token to evaluate, for fresh logits
+        note = self.trim_cache(lcp)
+        reused = len(self._cached)
+        stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
+                      cache_note=note)
+        sampler = make_sampler(temp=sp.temperature, top_p=sp.top_p if sp.top_p < 1 else 0.0,
+                               min_p=sp.min_p, top_k=sp.top_k)
+        processors = make_logits_processors(
+            logit_bias=dict(logit_bias) if logit_bias else None,
+            repetition_penalty=sp.repeat_penalty if sp.repeat_penalty != 1.0 else None,
+            repetition_context_size=sp.repeat_last_n)
+        names = ["logit_bias"] if logit_bias else []
+        if sp.repeat_penalty != 1.0:
+            names.append(f"repeat_penalty={sp.repeat_penalty}/{sp.repeat_last_n}")
+        if sp.greedy:
+            names.append("greedy")
+        else:
+            names += [f"top_k={sp.top_k}" if sp.top_k else "", f"top_p={sp.top_p}"
+                      if sp.top_p < 1 else "", f"min_p={sp.min_p}" if sp.min_p else "",
+                      f"temp={sp.temperature}"]
+        stats.sampler = " > ".join(n for n in names if n)
+        if sp.seed is not None:
+            mx.random.seed(sp.seed)
+        room = self._n_ctx - len(ids)
+        limit = min(sp.max_tokens or room, room)
+        detok = self._tok.detokenizer
+        detok.reset()
+        sampled: list[int] = []
+        t_first = None
+        steps = generate_step(mx.array(ids[reused:]), self._model, max_tokens=limit,
+                              sampler=sampler, logits_processors=processors,
+                              prompt_cache=self._cache)
+        stats.stop_reason = "length"
+        try:
+            for token, _ in steps:
+                token = int(token)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.ttft_s = stats.prefill_s = t_first - t_start
+                sampled.append(token)
+                if token in stops:
+                    stats.stop_reason, stats.stop_token = "stop", token
+                    break
+                stats.token_ids.append(token)
+                detok.add_token(token)
+                text = detok.last_segment
+                if text:
+                    yield Chunk(text, (token,))
+                if self._cancel.is_set():
+                    stats.stop_reason = "cancelled"
+                    break
+                if len(stats.token_ids) >= limit:
+                    stats.stop_reason = "length" if limit < room else "context"
+                    break
+        finally:
+            steps.close()
+            # generate_step feeds each sampled token ahead of time: the cache holds exactly
+            # `offset` positions of prompt + sampled tokens.
+            offset = max(getattr(c, "offset", 0) for c in self._cache)
+            self._cached = (ids + sampled)[:offset]
+        stats.generated_tokens = len(stats.token_ids)
+        if t_first is not None:
+            stats.decode_s = time.perf_counter() - t_first
+        detok.finalize()
+        yield Chunk(detok.last_segment, (), stats)
+
+    def close(self) -> None:
+        self._model = None
+        self._cache = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+

@@ -1,0 +1,222 @@
+"""The MLX backend on tiny random-weight Gemma, Gemma 2 and Gemma 3 checkpoints, for real
+(mlx[cpu] on Linux): each built in the test with the real config shape scaled down and a real
+BPE tokenizer trained in the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from gemma_chat.backends import load_backend  # noqa: E402
+from gemma_chat.backends.base import SamplingParams  # noqa: E402
+from gemma_chat.chat import Conversation  # noqa: E402
+from gemma_chat.resolve import resolve  # noqa: E402
+from gemma_chat.template import render  # noqa: E402
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+TEXT = ["The river runs to the sea and back again.", "Water boils at one hundred degrees.",
+        "user model hello there, how are you today?", "Gemma is a family of open models.",
+        "Numbers 0123456789, tabs\tand  spaces, café, 日本語."] * 20
+
+ARGS = {
+    "gemma": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                  num_attention_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                  num_key_value_heads=1, max_position_embeddings=8192),
+    "gemma2": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                   num_attention_heads=2, head_dim=32, rms_norm_eps=1e-6, num_key_value_heads=1,
+                   query_pre_attn_scalar=32, sliding_window=64, max_position_embeddings=8192),
+    "gemma3_text": dict(hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+                        num_attention_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                        num_key_value_heads=1, query_pre_attn_scalar=32, sliding_window=16,
+                        sliding_window_pattern=6, max_position_embeddings=32768),
+}
+
+
+def write_tokenizer(folder: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>",
+        "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "add_bos_token": False, "add_eos_token": False}))
+    return tok.get_vocab_size()
+
+
+def build_checkpoint(folder: Path, model_type: str) -> Path:
+    import importlib
+
+    from mlx_lm.utils import save_model
+
+    folder.mkdir(parents=True)
+    vocab = write_tokenizer(folder)
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    args = {**ARGS[model_type], "vocab_size": vocab, "model_type": model_type}
+    fields = {f for f in module.ModelArgs.__dataclass_fields__}
+    model = module.Model(module.ModelArgs(**{k: v for k, v in args.items() if k in fields}))
+    mx.random.seed(0)
+    model.update(model.parameters())  # materialize the random init
+    mx.eval(model.parameters())
+    save_model(folder, model)
+    (folder / "config.json").write_text(json.dumps({**args, "eos_token_id": [1, 5],
+                                                    "bos_token_id": 2}))
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(ARGS))
+def tiny(request, tmp_path_factory):
+    folder = build_checkpoint(tmp_path_factory.mktemp("mlx") / f"tiny-{request.param}-it",
+                              request.param)
+    backend = load_backend(resolve(str(folder)), "mlx")
+    yield request.param, backend
+    backend.close()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
+
+
+def run(backend, prompt, sampling=GREEDY, **kw):
+    chunks = list(backend.stream(prompt, sampling, **kw))
+    return "".join(c.text for c in chunks), chunks[-1].stats
+
+
+def test_loads_and_generates_each_architecture(tiny):
+    model_type, backend = tiny
+    info = backend.info
+    assert info.backend == "mlx"
+    assert info.architecture == {"gemma": "gemma", "gemma2": "gemma2",
+                                 "gemma3_text": "gemma3"}[model_type]
+    assert (info.bos_id, info.eos_id, info.end_of_turn_id) == (2, 1, 5)
+    ids = backend.tokenize(render([{"role": "user", "content": "hello there"}]))
+    assert ids[0] == 2 and ids.count(2) == 1 and ids[1] == 4 and 5 in ids  # special ids
+    text, stats = run(backend, ids)
+    assert stats.generated_tokens + (stats.stop_reason == "stop") >= 1
+    assert stats.prompt_tokens == len(ids) and stats.prompt_eval_tokens == len(ids)
+    assert stats.stop_reason in ("stop", "length")
+    # Greedy is deterministic, and streamed pieces join to the text of the ids.
+    backend.trim_cache(0)
+    again, stats2 = run(backend, ids)
+    assert again == text and stats2.token_ids == stats.token_ids
+    assert text == backend.detokenize(stats.token_ids)
+    if model_type == "gemma2":
+        assert "sliding-window" in backend.context_note and info.n_ctx <= 64
+
+
+def test_forced_end_of_turn_and_ignore_eos(tiny):
+    _, backend = tiny
+    ids = backend.tokenize(render([{"role": "user", "content": "hello"}]))
+    text, stats = run(backend, ids, logit_bias={5: 100.0})
+    assert stats.stop_reason == "stop" and stats.stop_token == 5 and text == ""
+    _, stats = run(backend, ids, SamplingParams(temperature=0, max_tokens=4),
+                   logit_bias={5: 100.0}, ignore_eos=True)
+    assert stats.stop_reason == "length" and stats.token_ids == [5] * 4
+
+
+def test_prompt_cache_reuse_and_trim(tiny):
+    model_type, backend = tiny
+    backend.trim_cache(0)
+    p1 = backend.tokenize("<bos>The river runs")
+    _, s1 = run(backend, p1)
+    p2 = p1 + s1.token_ids + backend.tokenize(" and the sea")
+    cached = backend.cached_tokens
+    _, s2 = run(backend, p2)
+    common = 0
+    for a, b in zip(cached, p2):
+        if a != b:
+            break
+        common += 1
+    assert s2.prompt_eval_tokens == len(p2) - common
+    assert s2.cached_tokens > 0
+    # A roll-back to a short prefix: trimmed where mlx-lm can, else re-evaluated and said so.
+    _, s3 = run(backend, p1[:2] + backend.tokenize(" sea"))
+    assert s3.cached_tokens == 2 or "re-evaluated" in s3.cache_note
+
+
+def test_multi_turn_evaluates_only_new_tokens(tiny):
+    model_type, backend = tiny
+    backend.trim_cache(0)
+    convo = Conversation(backend)
+    sampling = SamplingParams(temperature=0, max_tokens=3)
+    for text in ("hello", "how are you", "and today"):
+        for _ in convo.send(text, sampling):
+            pass
+    third = convo.last_stats
+    new = third.prompt_tokens - len(convo.ids_for(convo.exchanges[:2]))
+    # The new user turn, plus <end_of_turn>\n after a reply that stopped at max_tokens.
+    assert new <= third.prompt_eval_tokens <= new + 3 and third.cached_tokens > 0
+
+
+def test_seed_and_sampling(tiny):
+    _, backend = tiny
+    ids = backend.tokenize("<bos>Water boils")
+    sp = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=7, max_tokens=5)
+    first = run(backend, ids, sp)[1]
+    second = run(backend, ids, sp)[1]
+    assert first.token_ids == second.token_ids
+    assert "top_k=20" in first.sampler and "temp=1.0" in first.sampler
+
+
+def test_cli_run_with_mlx_backend(tiny, tmp_path):
+    from conftest import run_gemma
+
+    model_type, backend = tiny
+    path = backend.info.path
+    result = run_gemma("run", "--backend", "mlx", "-m", str(path), "-n", "3", "--temp", "0",
+                       "--json", "hello")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["backend"] == "mlx" and data["prompt_format"] == "chat"
+    wrong = run_gemma("run", "--backend", "llama.cpp", "-m", str(path), "hello")
+    assert wrong.returncode != 0 and "gemma convert" in wrong.stderr
+    chat = run_gemma("chat", "--backend", "mlx", "-m", str(path), "-n", "3", "--temp", "0",
+                     "--no-autosave", input="hello\n/stats\nhow are you\n/stats\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "mlx on cpu" in chat.stderr and chat.stderr.count("evaluated") == 2
+
+
+def test_prompt_cache_save_and_load(tiny, tmp_path):
+    _, backend = tiny
+    backend.trim_cache(0)
+    ids = backend.tokenize("<bos>Water boils at")
+    _, first = run(backend, ids)
+    saved = backend.cached_tokens
+    backend.save_state(tmp_path / "chat.json.kv")
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json.kv"]
+    backend.trim_cache(0)
+    assert backend.load_state(tmp_path / "chat.json.kv") == saved
+    longer = saved + backend.tokenize(" the sea")
+    _, stats = run(backend, longer)
+    assert stats.prompt_eval_tokens == len(longer) - len(saved)
+
+
+def test_save_and_resume_a_chat_with_its_prompt_cache(tiny, tmp_path):
+    import io
+
+    from gemma_chat.repl import ChatApp, PlainRenderer
+
+    _, backend = tiny
+    backend.trim_cache(0)
+    notes: list[str] = []
+    app = ChatApp(backend, Conversation(backend), SamplingParams(temperature=0, max_tokens=3),
+                  renderer=PlainRenderer(io.StringIO()), note=notes.append)
+    app.handle("hello")
+    app.handle(f"/save {tmp_path / 'talk.json'}")
+    backend.trim_cache(0)
+    other = ChatApp(backend, Conversation(backend), SamplingParams(temperature=0, max_tokens=3),
+                    renderer=PlainRenderer(io.StringIO()), note=notes.append)
+    other.handle(f"/load {tmp_path / 'talk.json'}")
+    assert "with their KV state" in notes[-1]
+    other.handle("again")
+    stats = other.conversation.last_stats
+    assert stats.cached_tokens > 0 and stats.prompt_eval_tokens < stats.prompt_tokens
