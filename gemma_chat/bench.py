@@ -62,7 +62,8 @@ class Result:
 def random_tokens(n: int, n_vocab: int, seed: int) -> list[int]:
     """Random ordinary tokens (control and byte tokens sit at the start of Gemma's vocab)."""
     rng = random.Random(seed)
-    return [rng.randrange(1000, n_vocab) for _ in range(n)]
+    low = min(1000, n_vocab // 4)
+    return [rng.randrange(low, n_vocab) for _ in range(n)]
 
 
 def _prime(backend: Backend, ids: list[int]) -> None:
@@ -216,7 +217,13 @@ def worker(spec: dict) -> dict:
         results = run_bench(backend, spec["prompts"], spec["gens"], spec["reps"],
                             spec["depths"], sampling, progress)
     info = backend.info
+    accelerator_peak = None
+    if info.backend == "mlx":  # Metal memory on Apple Silicon (MLX's own count on the CPU)
+        import mlx.core as mx
+
+        accelerator_peak = int(mx.get_peak_memory())
     out = {"model": info.name, "path": str(info.path), "backend": info.backend,
+           "accelerator_peak": accelerator_peak,
            "quantization": info.quantization, "device": info.device, "threads": info.threads,
            "n_ctx": info.n_ctx, "load_s": load_s, "peak_rss": peak_rss(),
            "file_bytes": info.path.stat().st_size if info.path.is_file() else None,

@@ -667,7 +667,7 @@ def bench(
     if any(n < 2 for n in gens):
         raise click.UsageError("-n must be at least 2 (the first token comes from the prompt)")
     need = max(depths) + max(max(prompts), max(gens)) + 16
-    spec_ctx = ctx or (4096 if chat_turns else max(512, need))
+    spec_ctx = ctx or (4096 if chat_turns else need)
     models_ = model or ["gemma-3-270m"]
     err = _stderr()
     reports = []

@@ -220,3 +220,17 @@ def test_save_and_resume_a_chat_with_its_prompt_cache(tiny, tmp_path):
     other.handle("again")
     stats = other.conversation.last_stats
     assert stats.cached_tokens > 0 and stats.prompt_eval_tokens < stats.prompt_tokens
+
+
+def test_bench_with_the_mlx_backend(tiny):
+    from conftest import run_gemma
+
+    model_type, backend = tiny
+    result = run_gemma("bench", "--backend", "mlx", "-m", str(backend.info.path), "-p", "8",
+                       "-n", "4", "-r", "2", "--format", "json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["reports"][0]
+    assert report["backend"] == "mlx" and report["accelerator_peak"] > 0
+    assert [r["test"] for r in report["results"]] == ["pp8", "tg4"]
+    for r in report["results"]:
+        assert all(t > 0 for t in r["tps"]) and len(r["tps"]) == 2
