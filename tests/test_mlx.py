@@ -234,3 +234,23 @@ def test_bench_with_the_mlx_backend(tiny):
     assert [r["test"] for r in report["results"]] == ["pp8", "tg4"]
     for r in report["results"]:
         assert all(t > 0 for t in r["tps"]) and len(r["tps"]) == 2
+
+
+def test_serve_with_the_mlx_backend(tiny):
+    """The server generates in a worker thread; MLX must work there too."""
+    from starlette.testclient import TestClient
+
+    from gemma_chat.server import create_app
+
+    _, backend = tiny
+    with TestClient(create_app(backend, ["tiny"])) as client:
+        for _ in range(2):
+            reply = client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
+                "temperature": 0})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["usage"]["completion_tokens"] <= 3
+        with client.stream("POST", "/v1/completions", json={
+                "prompt": "Water boils", "max_tokens": 3, "stream": True}) as streamed:
+            lines = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
