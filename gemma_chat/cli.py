@@ -609,6 +609,53 @@ def _remove_from_hf_cache(path: Path) -> None:
                 return
 
 
+@app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="A GGUF file, or a catalogue name whose GGUF is "
+                                          "on disk.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: mlx.")] = "mlx",
+    quant: Annotated[str, typer.Option("--quant", "-q", help="bf16, f16, f32, q4 or q8.")] = "bf16",
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder [default: the local "
+                                             "store, where -m NAME --backend mlx finds "
+                                             "it].")] = None,
+) -> None:
+    """Convert a Gemma GGUF into an MLX model folder (one GGUF, both backends)."""
+    import tempfile
+    import time
+
+    from . import store
+    from .convert import gguf_to_mlx, quantize_mlx
+    from .quant import QUANTS, parse
+    from .resolve import resolve
+
+    if to != "mlx":
+        raise click.UsageError(f"--to {to}: only GGUF to MLX is in this version")
+    key = parse(quant, "mlx")
+    spec_q = QUANTS[key]
+    resolved = resolve(source, ("gguf",))
+    name = resolved.spec.name if resolved.spec else resolved.path.stem
+    target = out or store.model_dir(name) / f"mlx-{key}"
+    if target.exists():
+        raise click.UsageError(f"{target} exists already; remove it or choose --out")
+    err = _stderr()
+    start = time.perf_counter()
+    with err.status(f"converting {resolved.path.name} to MLX") as status:
+        if spec_q.mlx_bits is None:
+            gguf_to_mlx(resolved.path, target, spec_q.mlx_dtype, progress=status.update)
+        else:
+            with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists()
+                                             else None) as tmp:
+                full = gguf_to_mlx(resolved.path, Path(tmp) / "bf16", "bfloat16",
+                                   progress=status.update)
+                status.update(f"quantizing to {spec_q.mlx_bits}-bit with mlx-lm")
+                quantize_mlx(full, target, spec_q.mlx_bits, spec_q.mlx_group_size)
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    from .memory import human
+
+    err.print(f"{resolved.path.name} ({human(resolved.path.stat().st_size)}) -> {target} "
+              f"({human(size)}, {key}) in {time.perf_counter() - start:.0f} s")
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]

@@ -1,0 +1,132 @@
+"""The real Gemma 3 270M GGUF imported to MLX (`gemma convert --to mlx`), checked against
+llama.cpp on the same GGUF: tokenizer ids, teacher-forced next-token agreement and KL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_lm")
+pytest.importorskip("torch")  # transformers' GGUF tokenizer loader needs it
+
+from conftest import run_gemma  # noqa: E402
+
+from gemma_chat import store  # noqa: E402
+from gemma_chat.backends.base import SamplingParams  # noqa: E402
+from gemma_chat.chat import Conversation  # noqa: E402
+
+TEXTS = [
+    "Hello, world!", "   leading and   inner   spaces  ", "tabs\tand\ttabs\t\t", "new\nlines\n\n\n",
+    "def f(x):\n    return x * 2  # code\n", "日本語のテキストと中文文本",
+    "emoji 🦙🎉 and café, naïve, Ærø",
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n", "1234567890 3.14159 -42",
+]
+
+
+@pytest.fixture(scope="module")
+def converted(gguf_path):
+    target = store.model_dir("gemma-3-270m") / "mlx-bf16"
+    if not target.exists():
+        result = run_gemma("convert", "gemma-3-270m", "--to", "mlx", timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "mlx-bf16" in result.stderr
+    return target
+
+
+@pytest.fixture(scope="module")
+def mlx_backend(converted):
+    from gemma_chat.backends.mlx import MLXBackend
+    from gemma_chat.resolve import resolve
+
+    backend = MLXBackend(resolve("gemma-3-270m", ("mlx",)), n_ctx=2048)
+    yield backend
+    backend.close()
+
+
+def test_standard_mlx_lm_folder(converted):
+    from mlx_lm import load
+
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["sliding_window"] == 512
+    assert config["eos_token_id"] == [1, 106] and config["num_key_value_heads"] == 1
+    model, tokenizer = load(str(converted))
+    assert tokenizer.bos_token_id == 2
+    again = run_gemma("convert", "gemma-3-270m", "--to", "mlx")
+    assert again.returncode == 2 and "exists already" in again.stderr
+
+
+def test_tokenizer_matches_llama_cpp(backend, mlx_backend):
+    for text in TEXTS:
+        assert mlx_backend.tokenize(text) == backend.tokenize(text), text
+        assert mlx_backend.tokenize(text, special=False) == \
+            backend.tokenize(text, special=False), text
+
+
+def test_teacher_forced_agreement_with_llama_cpp(gguf_path, mlx_backend):
+    """Next-token argmax agreement >= 90% and mean KL <= 0.02 over 300+ positions."""
+    import llama_cpp
+    import mlx.core as mx
+
+    text = (Path(__file__).parent / "data" / "english.txt").read_text()
+    ids = [2] + mlx_backend.tokenize(text, special=False)[:340]
+    assert len(ids) > 300
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, n_threads=2, logits_all=True,
+                          verbose=False)
+    llm.eval(ids)
+    ref = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    llm.close()
+    ours = np.array(mlx_backend._model(mx.array(ids)[None]).astype(mx.float32)[0],
+                    dtype=np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(ours)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1).mean()
+    agree = (ref.argmax(-1) == ours.argmax(-1)).mean()
+    print(f"teacher-forced over {len(ids)} positions: top-1 agreement {agree:.3f}, "
+          f"mean KL {kl:.4f}")
+    assert agree >= 0.90 and kl <= 0.02
+
+
+def test_run_and_chat_with_mlx_on_the_imported_model(converted):
+    run = run_gemma("run", "--backend", "mlx", "-m", "gemma-3-270m", "--temp", "0", "-n", "6",
+                    "--json", "Water boils at")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["backend"] == "mlx" and "degrees" in data["text"]
+    chat = run_gemma("chat", "--backend", "mlx", "-m", "gemma-3-270m", "-n", "3", "--temp", "0",
+                     "--no-autosave", input="Hello\n/info\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "backend       mlx" in chat.stderr
+
+
+def test_turn_three_evaluates_only_new_tokens_on_mlx(mlx_backend):
+    convo = Conversation(mlx_backend)
+    sampling = SamplingParams(temperature=0, max_tokens=3)
+    for text in ("Hello there", "What is water?", "And ice?"):
+        for _ in convo.send(text, sampling):
+            pass
+    third = convo.last_stats
+    new = third.prompt_tokens - len(convo.ids_for(convo.exchanges[:2]))
+    assert new <= third.prompt_eval_tokens <= new + 3
+    assert third.cached_tokens > 0
+
+
+def test_convert_to_4_bit(gguf_path, tmp_path):
+    out = tmp_path / "q4"
+    result = run_gemma("convert", str(gguf_path), "--to", "mlx", "--quant", "q4", "--out",
+                       str(out), timeout=900)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert 100e6 < size < 300e6  # 4-bit weights, well under the bf16 folder's ~540 MB
+    run = run_gemma("run", "--backend", "mlx", "-m", str(out), "--raw", "--temp", "0", "-n",
+                    "2", "--json", "Water boils at")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["stats"]["generated_tokens"] == 2
