@@ -254,3 +254,36 @@ def test_serve_with_the_mlx_backend(tiny):
                 "prompt": "Water boils", "max_tokens": 3, "stream": True}) as streamed:
             lines = [line for line in streamed.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
+
+
+def test_newer_config_form_is_read_like_the_older_one(tmp_path):
+    """transformers 5 writes rope_parameters and layer_types; mlx-lm reads rope_theta,
+    rope_local_base_freq and sliding_window_pattern. Both forms must give the same model."""
+    import shutil
+
+    from gemma_chat.backends.mlx import config_overrides
+
+    old = build_checkpoint(tmp_path / "old-form-it", "gemma3_text")
+    config = json.loads((old / "config.json").read_text())
+    config.update(rope_theta=50000.0, rope_local_base_freq=5000.0, sliding_window_pattern=3)
+    (old / "config.json").write_text(json.dumps(config))
+    new = tmp_path / "new-form-it"
+    shutil.copytree(old, new)
+    newer = {k: v for k, v in config.items()
+             if k not in ("rope_theta", "rope_local_base_freq", "sliding_window_pattern")}
+    newer["rope_parameters"] = {"full_attention": {"rope_theta": 50000.0, "rope_type": "default"},
+                                "sliding_attention": {"rope_theta": 5000.0,
+                                                      "rope_type": "default"}}
+    newer["layer_types"] = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    (new / "config.json").write_text(json.dumps(newer))
+    assert config_overrides(newer) == {"rope_theta": 50000.0, "rope_local_base_freq": 5000.0,
+                                       "sliding_window_pattern": 3}
+    ids = [2] + list(range(10, 60))
+    outputs = []
+    for folder in (old, new):
+        backend = load_backend(resolve(str(folder)), "mlx")
+        outputs.append(run(backend, ids, SamplingParams(temperature=0, max_tokens=8))[1].token_ids)
+        logits = backend._model(mx.array(ids)[None])
+        outputs.append(logits[0, -1].tolist()[:50])
+        backend.close()
+    assert outputs[0] == outputs[2] and outputs[1] == outputs[3]

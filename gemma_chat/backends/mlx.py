@@ -40,6 +40,28 @@ except ImportError:  # pragma: no cover - exercised where the extra is missing
     mx = None
 
 
+def config_overrides(config: dict) -> dict:
+    """The newer Hugging Face config form (transformers 5: ``rope_parameters``,
+    ``layer_types``) in the older keys mlx-lm's Gemma models read (``rope_theta``,
+    ``rope_local_base_freq``, ``sliding_window_pattern``). Without this, mlx-lm would silently
+    fall back to its defaults."""
+    out: dict = {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):
+        full = rope.get("full_attention", rope)
+        sliding = rope.get("sliding_attention", {})
+        if isinstance(full, dict) and "rope_theta" in full and "rope_theta" not in config:
+            out["rope_theta"] = full["rope_theta"]
+        if isinstance(sliding, dict) and "rope_theta" in sliding \
+                and "rope_local_base_freq" not in config:
+            out["rope_local_base_freq"] = sliding["rope_theta"]
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and "full_attention" in layer_types \
+            and "sliding_window_pattern" not in config:
+        out["sliding_window_pattern"] = layer_types.index("full_attention") + 1
+    return out
+
+
 def _generation_config(path: Path) -> dict[str, float]:
     """The model's own recommended sampling (generation_config.json), where it ships one."""
     try:
@@ -87,7 +109,8 @@ class MLXBackend:
             raise InvalidArgument(f"--ctx {n_ctx} is more than this model allows on MLX "
                                   f"({n_ctx_train})")
         try:
-            self._model, self._tok = mlx_load(str(path))
+            self._model, self._tok = mlx_load(str(path),
+                                              model_config=config_overrides(config) or None)
         except Exception as exc:  # noqa: BLE001 - mlx-lm raises many kinds on a bad folder
             raise BackendError(f"mlx-lm could not load {path.name}: {exc}") from None
         self._n_ctx = n_ctx
