@@ -190,6 +190,23 @@ def machine_info() -> dict[str, object]:
             "versions": versions}
 
 
+def cuda_memory_of(pid: int) -> int | None:
+    """GPU memory this process holds on NVIDIA GPUs, from nvidia-smi (None without one)."""
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [int(mib) * 2**20 for line in out.splitlines()
+            for p, mib in [line.split(",")[:2]] if p.strip() == str(pid)]
+    return sum(used) if used else None
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -222,6 +239,8 @@ def worker(spec: dict) -> dict:
         import mlx.core as mx
 
         accelerator_peak = int(mx.get_peak_memory())
+    elif info.device == "gpu":
+        accelerator_peak = cuda_memory_of(os.getpid())
     out = {"model": info.name, "path": str(info.path), "backend": info.backend,
            "accelerator_peak": accelerator_peak,
            "quantization": info.quantization, "device": info.device, "threads": info.threads,

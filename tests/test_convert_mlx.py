@@ -130,3 +130,20 @@ def test_convert_to_4_bit(gguf_path, tmp_path):
                     "2", "--json", "Water boils at")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["stats"]["generated_tokens"] == 2
+
+
+def test_bench_on_the_real_model_with_both_backends(converted):
+    reports = {}
+    for backend in ("llama.cpp", "mlx"):
+        result = run_gemma("bench", "-m", "gemma-3-270m", "--backend", backend, "-p", "8",
+                           "-n", "3", "-r", "1", "--format", "json", timeout=600)
+        assert result.returncode == 0, result.stderr
+        reports[backend] = json.loads(result.stdout)["reports"][0]
+    assert reports["mlx"]["quantization"] == "bfloat16"
+    assert reports["llama.cpp"]["quantization"] == "Q4_K_M"
+    for report in reports.values():
+        assert [r["test"] for r in report["results"]] == ["pp8", "tg3"]
+        assert report["results"][0]["tokens"] == 8 and report["results"][1]["tokens"] == 2
+        assert all(t > 0 for r in report["results"] for t in r["tps"])
+        assert report["peak_rss"] > 200e6 and report["load_s"] > 0
+    assert reports["mlx"]["accelerator_peak"] > 100e6
