@@ -52,3 +52,23 @@ def run_gemma(*args: str, input: str | None = None, env: dict | None = None,
         [str(GEMMA), *args], input=input if input is not None else "", capture_output=True,
         text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def assert_third_turn_reuses_cache(backend, texts=("Hello there", "What is water?", "And ice?"),
+                                   max_tokens: int = 3):
+    """Three chat turns; the third evaluates only its new user turn, plus at most the reply's
+    unevaluated tail and ``<end_of_turn>``+newline (generation stopped before feeding them)."""
+    from gemma_chat.backends.base import SamplingParams
+    from gemma_chat.chat import Conversation
+
+    backend.trim_cache(0)
+    convo = Conversation(backend)
+    sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
+    for text in texts:
+        for _ in convo.send(text, sampling):
+            pass
+    third = convo.last_stats
+    new = third.prompt_tokens - len(convo.ids_for(convo.exchanges[:2]))
+    assert new <= third.prompt_eval_tokens <= new + 3, (third.prompt_eval_tokens, new)
+    assert third.cached_tokens > 0
+    return third

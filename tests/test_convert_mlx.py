@@ -12,11 +12,9 @@ import pytest
 pytest.importorskip("mlx_lm")
 pytest.importorskip("torch")  # transformers' GGUF tokenizer loader needs it
 
-from conftest import run_gemma  # noqa: E402
+from conftest import assert_third_turn_reuses_cache, run_gemma  # noqa: E402
 
 from gemma_chat import store  # noqa: E402
-from gemma_chat.backends.base import SamplingParams  # noqa: E402
-from gemma_chat.chat import Conversation  # noqa: E402
 
 TEXTS = [
     "Hello, world!", "   leading and   inner   spaces  ", "tabs\tand\ttabs\t\t", "new\nlines\n\n\n",
@@ -106,15 +104,7 @@ def test_run_and_chat_with_mlx_on_the_imported_model(converted):
 
 
 def test_turn_three_evaluates_only_new_tokens_on_mlx(mlx_backend):
-    convo = Conversation(mlx_backend)
-    sampling = SamplingParams(temperature=0, max_tokens=3)
-    for text in ("Hello there", "What is water?", "And ice?"):
-        for _ in convo.send(text, sampling):
-            pass
-    third = convo.last_stats
-    new = third.prompt_tokens - len(convo.ids_for(convo.exchanges[:2]))
-    assert new <= third.prompt_eval_tokens <= new + 3
-    assert third.cached_tokens > 0
+    assert_third_turn_reuses_cache(mlx_backend)
 
 
 def test_convert_to_4_bit(gguf_path, tmp_path):
