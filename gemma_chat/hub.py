@@ -104,9 +104,6 @@ class RichProgress(std_tqdm):
         if self._task is not None and n:
             self.progress.advance(self._task, n)
 
-    def close(self):
-        super().close()
-
 
 def _progress(console):
     from rich.progress import (
