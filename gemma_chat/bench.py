@@ -75,6 +75,26 @@ def _prime(backend: Backend, ids: list[int]) -> None:
             pass
 
 
+def _repeat(result: Result, reps: int, progress, run_once, timed) -> Result:
+    """One warm-up, then ``reps`` timed runs of ``run_once()`` (which returns Stats); ``timed``
+    picks the seconds to record from the stats."""
+    for rep in range(reps + 1):
+        progress(f"{result.test} {'warm-up' if rep == 0 else f'{rep}/{reps}'}")
+        stats = run_once()
+        if rep:
+            result.seconds.append(timed(stats))
+            result.ttft_s.append(stats.ttft_s)
+            result.sampler = stats.sampler
+    return result
+
+
+def _last_stats(backend: Backend, prompt: list[int], sampling: SamplingParams):
+    stats = None
+    for chunk in backend.stream(prompt, sampling, ignore_eos=True):
+        stats = chunk.stats or stats
+    return stats
+
+
 def run_bench(backend: Backend, prompts=(512,), gens=(128,), reps: int = 5, depths=(0,),
               sampling: SamplingParams | None = None,
               progress: Callable[[str], object] = lambda s: None) -> list[Result]:
@@ -87,42 +107,32 @@ def run_bench(backend: Backend, prompts=(512,), gens=(128,), reps: int = 5, dept
         context = [bos] + random_tokens(depth, info.n_vocab, seed=depth + 1) if depth else [bos]
         suffix = f"@d{depth}" if depth else ""
         for p in prompts:
-            result = Result(info.name, info.backend, f"pp{p}{suffix}", p, depth)
             prompt = random_tokens(p, info.n_vocab, seed=p)
             prefix = context if depth else []
             if not depth:  # exactly p tokens evaluated, the BOS among them
                 prompt = [bos] + prompt[1:]
-            for rep in range(reps + 1):
-                progress(f"{result.test} {'warm-up' if rep == 0 else f'{rep}/{reps}'}")
+
+            def prefill(prefix=prefix, prompt=prompt, p=p):
                 _prime(backend, prefix)
-                stats = None
-                for chunk in backend.stream(prefix + prompt, sampling.with_overrides(
-                        max_tokens=1), ignore_eos=True):
-                    stats = chunk.stats or stats
+                stats = _last_stats(backend, prefix + prompt, sampling.with_overrides(
+                    max_tokens=1))
                 assert stats.prompt_eval_tokens == p, (stats.prompt_eval_tokens, p)
-                if rep:
-                    result.seconds.append(stats.prefill_s)
-                    result.ttft_s.append(stats.ttft_s)
-                    result.sampler = stats.sampler
-            results.append(result)
+                return stats
+
+            results.append(_repeat(Result(info.name, info.backend, f"pp{p}{suffix}", p, depth),
+                                   reps, progress, prefill, lambda s: s.prefill_s))
         for n in gens:
+            def decode(n=n, context=context):
+                _prime(backend, context)
+                stats = _last_stats(backend, context, sampling.with_overrides(max_tokens=n))
+                assert stats.generated_tokens == n, (stats.generated_tokens, n)
+                return stats
+
+            # The first token comes out of the prompt's evaluation: the n-1 after it are the
+            # decode steps, as llama-bench's tg counts its n evaluations.
             result = Result(info.name, info.backend, f"tg{n}{suffix}", n - 1, depth,
                             extra={"generated": n})
-            for rep in range(reps + 1):
-                progress(f"{result.test} {'warm-up' if rep == 0 else f'{rep}/{reps}'}")
-                _prime(backend, context)
-                stats = None
-                for chunk in backend.stream(context, sampling.with_overrides(max_tokens=n),
-                                            ignore_eos=True):
-                    stats = chunk.stats or stats
-                assert stats.generated_tokens == n, (stats.generated_tokens, n)
-                if rep:
-                    # The first token comes out of the prompt's evaluation: the n-1 after it
-                    # are the decode steps, as llama-bench's tg counts its n evaluations.
-                    result.seconds.append(stats.decode_s)
-                    result.ttft_s.append(stats.ttft_s)
-                    result.sampler = stats.sampler
-            results.append(result)
+            results.append(_repeat(result, reps, progress, decode, lambda s: s.decode_s))
     return results
 
 

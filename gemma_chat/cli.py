@@ -57,6 +57,16 @@ SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System pr
                                                   "system role).")]
 
 
+def _sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens) -> dict:
+    """The sampling flags of `run` and `chat`, checked before a model is loaded."""
+    from .run import check_overrides
+
+    overrides = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
+    check_overrides(overrides)
+    return overrides
+
+
 def _stderr():
     from rich.console import Console
 
@@ -111,9 +121,7 @@ def run(
         raise click.UsageError("--raw and --chat exclude each other")
     stdin_text = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     text = runmod.compose(prompt, stdin_text)
-    overrides = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
-    runmod.check_overrides(overrides)  # before spending seconds on loading the model
+    overrides = _sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     resolved, engine = _load(model, backend, ctx, threads, spinner=False, yes=yes)
     try:
         use_chat = chat or (resolved.instruction_tuned and not raw)
@@ -268,9 +276,7 @@ def chat(
     if list_:
         _list_conversations()
         return
-    overrides = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
-    runmod.check_overrides(overrides)
+    overrides = _sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     err = _stderr()
     saved = None
     if resume:

@@ -382,19 +382,19 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
                              "choices": [choice], "usage": usage(len(job.prompt), stats)})
 
-    async def chat_completions(request: Request) -> Response:
-        data = await server.read_json(request)
-        server.check_model(data)
-        prompt = server.chat_prompt(data)
-        job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
-        return await respond(data, job, chat=True)
+    def completion_endpoint(chat: bool):
+        build_prompt = server.chat_prompt if chat else server.completion_prompt
 
-    async def completions(request: Request) -> Response:
-        data = await server.read_json(request)
-        server.check_model(data)
-        prompt = server.completion_prompt(data)
-        job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
-        return await respond(data, job, chat=False)
+        async def endpoint(request: Request) -> Response:
+            data = await server.read_json(request)
+            server.check_model(data)
+            prompt = build_prompt(data)
+            job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
+            return await respond(data, job, chat=chat)
+
+        return endpoint
+
+    chat_completions, completions = completion_endpoint(True), completion_endpoint(False)
 
     middleware = []
     if cors:
