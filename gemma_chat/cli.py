@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -617,49 +618,99 @@ def _remove_from_hf_cache(path: Path) -> None:
 
 @app.command()
 def convert(
-    source: Annotated[str, typer.Argument(help="A GGUF file, or a catalogue name whose GGUF is "
-                                          "on disk.")],
-    to: Annotated[str, typer.Option("--to", help="Target format: mlx.")] = "mlx",
-    quant: Annotated[str, typer.Option("--quant", "-q", help="bf16, f16, f32, q4 or q8.")] = "bf16",
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder [default: the local "
-                                             "store, where -m NAME --backend mlx finds "
-                                             "it].")] = None,
+    source: Annotated[str, typer.Argument(help="A Hugging Face checkpoint folder, a .gguf file, "
+                                          "or a catalogue name (its original weights are "
+                                          "pulled first).")],
+    to: Annotated[str | None, typer.Option(
+        "--to", help="gguf or mlx [default: mlx on Apple Silicon, gguf elsewhere].")] = None,
+    quant: Annotated[str | None, typer.Option(
+        "--quant", "-q", help="q4, q5, q8, f16, bf16, f32; for GGUF also q4_0, q4_k_m, q5_k_m, "
+                              "q6_k, q8_0 [default: q4; from a GGUF to MLX: bf16].")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Output folder (or .gguf file) [default: the local store, where "
+                      "`gemma chat -m NAME` finds it].")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="Quantizer threads "
+                                                "[default: all cores].")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Download the original weights "
+                                      "without asking.")] = False,
 ) -> None:
-    """Convert a Gemma GGUF into an MLX model folder (one GGUF, both backends)."""
-    import tempfile
-    import time
-
-    from . import store
-    from .convert import gguf_to_mlx, quantize_mlx
-    from .quant import QUANTS, parse
-    from .resolve import resolve
-
-    if to != "mlx":
-        raise click.UsageError(f"--to {to}: only GGUF to MLX is in this version")
-    key = parse(quant, "mlx")
-    spec_q = QUANTS[key]
-    resolved = resolve(source, ("gguf",))
-    name = resolved.spec.name if resolved.spec else resolved.path.stem
-    target = out or store.model_dir(name) / f"mlx-{key}"
-    if target.exists():
-        raise click.UsageError(f"{target} exists already; remove it or choose --out")
-    err = _stderr()
-    start = time.perf_counter()
-    with err.status(f"converting {resolved.path.name} to MLX") as status:
-        if spec_q.mlx_bits is None:
-            gguf_to_mlx(resolved.path, target, spec_q.mlx_dtype, progress=status.update)
-        else:
-            with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists()
-                                             else None) as tmp:
-                full = gguf_to_mlx(resolved.path, Path(tmp) / "bf16", "bfloat16",
-                                   progress=status.update)
-                status.update(f"quantizing to {spec_q.mlx_bits}-bit with mlx-lm")
-                quantize_mlx(full, target, spec_q.mlx_bits, spec_q.mlx_group_size)
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    """Convert Hugging Face weights or a GGUF into a (quantized) model for llama.cpp or MLX."""
+    from . import convert as conv
     from .memory import human
 
-    err.print(f"{resolved.path.name} ({human(resolved.path.stat().st_size)}) -> {target} "
-              f"({human(size)}, {key}) in {time.perf_counter() - start:.0f} s")
+    try:
+        src = conv.locate(source)
+    except ModelNotFound:
+        from . import catalog
+
+        spec = catalog.load().get(source)
+        if spec is None:
+            raise
+        src = _pull_original(spec, yes)
+    job = conv.plan(src, to, quant, out)
+    err = _stderr()
+    if src.note:
+        err.print(f"[dim]from {src.note}[/dim]")
+    for warning in job.warnings:
+        err.print(f"[yellow]warning: {warning}[/yellow]")
+    with _progress_bars(err) as progress:
+        result = conv.run(job, progress=progress, threads=threads)
+    src_size = src.size
+    err.print(f"{src.path.name} ({human(src_size)}) -> {job.target} ({human(result.size)}, "
+              f"{job.quant}, {result.size / max(src_size, 1):.0%} of the source) in "
+              f"{result.seconds:.0f} s", soft_wrap=True)
+    err.print(f"[dim]chat with it: {conv.chat_hint(result)}[/dim]", soft_wrap=True)
+
+
+def _pull_original(spec, yes: bool):
+    """A catalogue model's original checkpoint, downloaded after asking (or with --yes)."""
+    from . import convert as conv
+    from . import hub
+
+    if hub.offline():
+        raise ModelNotFound(f"{spec.name}'s original weights ({spec.hf_repo}) are not on disk "
+                            "and HF_HUB_OFFLINE is set")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ModelNotFound(f"{spec.name}'s original weights ({spec.hf_repo}) are not on "
+                                "disk: pass --yes to download them")
+        if not typer.confirm(f"Download {spec.name}'s original weights ({spec.hf_repo})?",
+                             default=True, err=True):
+            raise ModelNotFound(f"{spec.name}'s original weights are not on disk")
+    resolved = _pull_with_login(spec.name, "hf", "bf16", quiet=False)
+    return conv.Source("hf", resolved.path, spec.name, f"the original weights ({spec.hf_repo})")
+
+
+@contextmanager
+def _progress_bars(console):
+    """A progress callable (stage, done, total, detail="") drawing one Rich bar per stage."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    DownloadColumn(), TimeElapsedColumn(), TextColumn("[dim]{task.fields[detail]}"),
+                    console=console, transient=False, disable=not console.is_terminal)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: float, total: float | None, detail: str = "") -> None:
+        if stage not in tasks:
+            for other in tasks.values():  # a new stage: the earlier ones are finished
+                task = bars.tasks[other]
+                bars.update(other, total=task.total or 1, completed=task.total or 1, detail="")
+            tasks[stage] = bars.add_task(stage, total=total, detail=detail)
+        bars.update(tasks[stage], completed=done, total=total, detail=detail)
+
+    with bars:
+        yield update
+        for task_id in tasks.values():
+            task = bars.tasks[task_id]
+            bars.update(task_id, total=task.total or 1, completed=task.total or 1, detail="")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -213,7 +213,10 @@ def verify(path: Path, etag: str | None, size: int | None) -> None:
 
 
 def plan(spec: ModelSpec, fmt: str, quant: str) -> tuple[str, str | None]:
-    """(repo, file) to fetch for a catalogue model; file None means the whole repo (MLX)."""
+    """(repo, file) to fetch for a catalogue model; file None means the whole repo (MLX, or
+    ``hf``: the original checkpoint, for ``gemma convert``)."""
+    if fmt == "hf":
+        return spec.hf_repo, None
     if fmt == "gguf":
         source = spec.gguf_source(quant)
         if source is None:
@@ -245,7 +248,7 @@ def pull(model: str, fmt: str = "gguf", quant: str = "q4", *, quiet: bool = Fals
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 
     spec = catalog.get(model)
-    found = find_local(spec, fmt, quant)
+    found = original_on_disk(spec) if fmt == "hf" else find_local(spec, fmt, quant)
     if found is not None:
         return found
     repo, filename = plan(spec, fmt, quant)
@@ -282,13 +285,29 @@ def pull(model: str, fmt: str = "gguf", quant: str = "q4", *, quiet: bool = Fals
         if RichProgress.progress is not None:
             RichProgress.progress.start()
         with _hub_errors(repo):
-            folder = Path(snapshot_download(repo, endpoint=url, tqdm_class=RichProgress,
-                                            etag_timeout=10))
+            folder = Path(snapshot_download(
+                repo, endpoint=url, tqdm_class=RichProgress, etag_timeout=10,
+                allow_patterns=ORIGINAL_FILES if fmt == "hf" else None))
         return ResolvedModel(spec.name, folder, "mlx", "hf-cache", spec, repo)
     finally:
         if RichProgress.progress is not None:
             RichProgress.progress.stop()
         RichProgress.progress = None
+
+
+#: What ``gemma convert`` needs of an original checkpoint (never pickle or other formats).
+ORIGINAL_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+def original_on_disk(spec: ModelSpec) -> ResolvedModel | None:
+    """A catalogue model's original safetensors checkpoint in the Hugging Face cache."""
+    from .resolve import _hf_cached_snapshot
+
+    folder = _hf_cached_snapshot(spec.hf_repo) if spec.hf_repo else None
+    if folder is None or not (folder / "config.json").is_file() or \
+            not any(folder.glob("*.safetensors")):
+        return None
+    return ResolvedModel(spec.name, folder, "mlx", "hf-cache", spec, spec.hf_repo)
 
 
 def login_with(token: str) -> str:

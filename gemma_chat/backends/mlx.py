@@ -62,6 +62,37 @@ def config_overrides(config: dict) -> dict:
     return out
 
 
+class _SlidingWindowGemma2:
+    """mlx-lm's Gemma 2 body with Gemma 2's attention pattern: even layers see only the last
+    ``window`` tokens (a window mask and a rotating cache of that size), odd layers everything.
+    mlx-lm 0.32's own Gemma 2 attends to the whole context in every layer, which is wrong past
+    the window (4096 tokens on the real models)."""
+
+    def __call__(self, inputs, cache=None):
+        from mlx_lm.models.base import create_attention_mask
+
+        h = self.embed_tokens(inputs) * (self.args.hidden_size ** 0.5)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        full = create_attention_mask(h, cache[1] if len(cache) > 1 else None,
+                                     return_array=True)
+        local = create_attention_mask(h, cache[0], window_size=self.window, return_array=True)
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            h = layer(h, local if i % 2 == 0 else full, c)
+        return self.norm(h)
+
+
+def add_gemma2_sliding_window(model, window: int) -> None:
+    """Give a loaded mlx-lm Gemma 2 model its sliding-window layers (see above)."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    body = model.model
+    body.__class__ = type("SlidingWindowGemmaModel", (_SlidingWindowGemma2, type(body)), {})
+    body.window = window
+    model.make_cache = lambda: [RotatingKVCache(max_size=window) if i % 2 == 0 else KVCache()
+                                for i in range(len(model.layers))]
+
+
 def _generation_config(path: Path) -> dict[str, float]:
     """The model's own recommended sampling (generation_config.json), where it ships one."""
     try:
@@ -92,15 +123,6 @@ class MLXBackend:
             raise BackendError(f"{path.name} is a {config.get('model_type')!r} model, not Gemma")
         text = config.get("text_config", config)
         n_ctx_train = int(text.get("max_position_embeddings") or DEFAULT_MAX_CTX)
-        self.context_note = ""
-        if arch == "gemma2":
-            # mlx-lm's gemma2 has no sliding-window mask: past the window its output would be
-            # silently wrong, so the context stops there.
-            window = int(text.get("sliding_window") or 4096)
-            if n_ctx_train > window:
-                n_ctx_train = window
-                self.context_note = (f"context capped at {window}: mlx-lm's Gemma 2 has no "
-                                     "sliding-window attention mask")
         if n_ctx is None:
             n_ctx = min(n_ctx_train, DEFAULT_MAX_CTX)
         if n_ctx < 16:
@@ -113,6 +135,8 @@ class MLXBackend:
                                               model_config=config_overrides(config) or None)
         except Exception as exc:  # noqa: BLE001 - mlx-lm raises many kinds on a bad folder
             raise BackendError(f"mlx-lm could not load {path.name}: {exc}") from None
+        if arch == "gemma2":
+            add_gemma2_sliding_window(self._model, int(text.get("sliding_window") or 4096))
         self._n_ctx = n_ctx
         self._cache = make_prompt_cache(self._model)
         self._cached: list[int] = []

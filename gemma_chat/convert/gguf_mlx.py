@@ -18,9 +18,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from . import store
-from .errors import InvalidArgument, MissingDependency, UnsupportedArchitecture
-from .gguf_file import check_gemma, read_gguf
+from .. import store
+from ..errors import InvalidArgument, MissingDependency, UnsupportedArchitecture
+from ..gguf_file import check_gemma, read_gguf
 
 MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
@@ -97,7 +97,7 @@ def config_from_gguf(info) -> dict:
 
 
 def gguf_to_mlx(src: Path, dst: Path, dtype: str = "bfloat16",
-                progress: Callable[[str], object] = lambda s: None) -> Path:
+                progress: Callable[..., object] = lambda *a: None) -> Path:
     """Write an mlx-lm model folder at ``dst`` from the Gemma GGUF ``src``; return ``dst``."""
     try:
         import gguf
@@ -114,22 +114,25 @@ def gguf_to_mlx(src: Path, dst: Path, dtype: str = "bfloat16",
     dst = Path(dst)
     with store.atomic_path(dst) as tmp:
         tmp.mkdir(parents=True)
-        progress("reading the GGUF")
+        progress("reading the GGUF", 0, None)
         reader = gguf.GGUFReader(str(src))
         weights = {}
-        for i, tensor in enumerate(reader.tensors):
-            progress(f"dequantizing {i + 1}/{len(reader.tensors)} {tensor.name}")
+        total, done = sum(int(t.n_bytes) for t in reader.tensors), 0
+        for tensor in reader.tensors:
+            progress("dequantizing the GGUF", done, total, tensor.name)
+            done += int(tensor.n_bytes)
             array = dequantize(tensor.data, tensor.tensor_type)
             name = hf_name(tensor.name, info.architecture)
             if "norm" in name:
                 array = array - 1.0  # llama.cpp stores Gemma's RMSNorm weights as w + 1
             weights[name] = mx.array(array).astype(target)
-        progress("writing the weights")
+        progress("dequantizing the GGUF", total, total, "")
+        progress("writing MLX weights", 0, None)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, {"format": "mlx"})
         del weights
         (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype},
                                                     indent=2))
-        progress("rebuilding the tokenizer")
+        progress("rebuilding the tokenizer", 0, None)
         write_tokenizer(src, tmp)
     return dst
 
@@ -149,13 +152,3 @@ def write_tokenizer(src: Path, folder: Path) -> None:
         tokenizer.save_pretrained(str(folder))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def quantize_mlx(src: Path, dst: Path, bits: int, group_size: int = 64) -> Path:
-    """Quantize an mlx-lm folder with mlx-lm's own converter."""
-    from mlx_lm import convert
-
-    with store.atomic_path(Path(dst)) as tmp:
-        convert(str(src), mlx_path=str(tmp), quantize=True, q_bits=bits,
-                q_group_size=group_size)
-    return Path(dst)
