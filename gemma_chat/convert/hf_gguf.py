@@ -176,24 +176,37 @@ def sentencepiece_vocab(ckpt: Checkpoint) -> tuple[list[bytes], list[float], lis
         elif sp.IsByte(i):
             kind = BYTE
         tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i), kind
-    config = ckpt.folder / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            added = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder",
-                                                                        {})
-        except ValueError as exc:
-            raise InvalidModelFile(f"{config.name} is not valid JSON ({exc})") from None
-        for key, data in added.items():
-            i, text = int(key), data["content"]
-            if i >= size:
-                continue
-            if data.get("special") or _looks_special(text):
-                types[i] = CONTROL
-            else:
-                text = text.replace("\u2581", " ")  # llama.cpp matches these as plain spaces
-                types[i] = USER_DEFINED
-            tokens[i], scores[i] = text.encode("utf-8"), -1000.0
+    for i, data in sorted(_added_tokens(ckpt).items()):
+        text = data["content"]
+        if i >= size:
+            continue
+        if data.get("special") or _looks_special(text):
+            types[i] = CONTROL
+        else:
+            text = text.replace("\u2581", " ")  # llama.cpp matches these as plain spaces
+            types[i] = USER_DEFINED
+        tokens[i], scores[i] = text.encode("utf-8"), -1000.0
     return tokens, scores, types
+
+
+def _added_tokens(ckpt: Checkpoint) -> dict[int, dict]:
+    """The added tokens by id: tokenizer.json's ``added_tokens`` (where transformers 5 keeps
+    them), then tokenizer_config.json's ``added_tokens_decoder`` (the older place)."""
+    added: dict[int, dict] = {}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = ckpt.folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InvalidModelFile(f"{ckpt.folder.name}/{name} is not valid JSON ({exc})") \
+                from None
+        if name == "tokenizer.json":
+            added.update({int(t["id"]): t for t in data.get("added_tokens") or []})
+        else:
+            added.update({int(k): v for k, v in (data.get("added_tokens_decoder") or {}).items()})
+    return added
 
 
 def _looks_special(text: str) -> bool:
