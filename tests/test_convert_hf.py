@@ -23,6 +23,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from conftest import run_gemma  # noqa: E402
 from tiny_models import DATA, SLIDING_WINDOW, build_checkpoint, reference_logits  # noqa: E402
 
+from gemma_chat.convert.check import llama_cpp_logits, mlx_logits  # noqa: E402
+
 ARCHES = ["gemma", "gemma2", "gemma3_text"]
 N_POSITIONS = 128  # four sliding windows
 GGUF_TYPES = ["f32", "f16", "q8_0", "q4_k_m"]
@@ -62,31 +64,6 @@ def convert(tiny, to: str, quant: str) -> Path:
     return tiny.converted[key]
 
 
-def gguf_logits(path: Path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True,
-                          verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
-
-
-def mlx_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    """Through gemma-chat's MLX backend (so Gemma 2 gets its sliding-window layers)."""
-    import mlx.core as mx
-
-    from gemma_chat.backends import load_backend
-    from gemma_chat.resolve import resolve
-
-    backend = load_backend(resolve(str(folder)), "mlx")
-    try:
-        return np.array(backend._model(mx.array(ids)[None]).astype(mx.float32)[0],
-                        dtype=np.float64)
-    finally:
-        backend.close()
-
-
 def check(reference: np.ndarray, got: np.ndarray, quant: str) -> str:
     scale = np.abs(reference).max()
     diff = np.abs(got - reference).max()
@@ -107,7 +84,7 @@ def check(reference: np.ndarray, got: np.ndarray, quant: str) -> str:
 @pytest.mark.parametrize("quant", GGUF_TYPES)
 def test_gguf_logits_match_transformers(tiny, quant):
     path = convert(tiny, "gguf", quant)
-    check(tiny.reference, gguf_logits(path, tiny.ids), quant)
+    check(tiny.reference, llama_cpp_logits(path, tiny.ids), quant)
 
 
 @pytest.mark.parametrize("quant", MLX_TYPES)

@@ -137,6 +137,12 @@ class MLXBackend:
             raise BackendError(f"mlx-lm could not load {path.name}: {exc}") from None
         if arch == "gemma2":
             add_gemma2_sliding_window(self._model, int(text.get("sliding_window") or 4096))
+        if config.get("quantization") and mx.default_device().type == mx.cpu:
+            # MLX's CPU kernels for quantized matrix products are slow and lose accuracy with
+            # bfloat16 activations (Gemma 3 270M, 8-bit: mean KL to llama.cpp 0.09 in bf16,
+            # 0.008 in f32, and 7x faster). The packed weights stay as they are; only scales,
+            # biases and norms become float32. GPUs keep the model's own dtype.
+            self._model.set_dtype(mx.float32)
         self._n_ctx = n_ctx
         self._cache = make_prompt_cache(self._model)
         self._cached: list[int] = []

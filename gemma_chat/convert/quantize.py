@@ -46,18 +46,15 @@ def quantize_gguf(src: Path, dst: Path, type_name: str, *, n_params: int | None 
     """Write ``src`` re-encoded as ``type_name`` at ``dst`` with llama.cpp's quantizer."""
     try:
         import llama_cpp
-        from llama_cpp import _logger
     except ImportError:
         raise missing_extra("llama-cpp-python", "llama") from None
-    if not os.environ.get("GEMMA_DEBUG"):
-        _logger.set_verbose(False)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_FTYPES[type_name])
     params.nthread = threads or os.cpu_count() or 1
     params.allow_requantize = True  # the caller warns when the source is already quantized
     total = expected_size(n_params, type_name) if n_params else None
     label = f"quantizing to {type_name.upper()} (llama.cpp)"
-    with store.atomic_path(Path(dst)) as tmp:
+    with store.atomic_path(Path(dst)) as tmp, _llama_log() as log:
         result: dict[str, int] = {}
 
         def work() -> None:
@@ -71,10 +68,35 @@ def quantize_gguf(src: Path, dst: Path, type_name: str, *, n_params: int | None 
             size = tmp.stat().st_size if tmp.exists() else 0
             progress(label, min(size, total) if total else size, total)
         if result.get("rc", 1) != 0 or not tmp.is_file():
+            last = next((line for line in reversed(log) if line.strip()), "")
             raise BackendError(f"llama.cpp could not quantize {Path(src).name} to "
-                               f"{type_name.upper()} (set GEMMA_DEBUG=1 for its log)")
+                               f"{type_name.upper()}: {last.strip() or 'no reason given'}")
         progress(label, total or tmp.stat().st_size, total or tmp.stat().st_size)
     return Path(dst)
+
+
+@contextlib.contextmanager
+def _llama_log():
+    """Collect llama.cpp's log lines (per-tensor notes, errors) instead of printing them;
+    GEMMA_DEBUG=1 prints them as well. The library's own handler is restored afterwards."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+    debug = bool(os.environ.get("GEMMA_DEBUG"))
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        line = text.decode("utf-8", "replace")
+        lines.append(line)
+        if debug:
+            print(line, end="", file=sys.stderr)
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def quantize_mlx(src: Path, dst: Path, bits: int | None, group_size: int = 64,
