@@ -650,9 +650,9 @@ def convert(
     job = conv.plan(src, to, quant, out)
     err = _stderr()
     if src.note:
-        err.print(f"[dim]from {src.note}[/dim]")
+        err.print(f"[dim]from {src.note}[/dim]", soft_wrap=True)
     for warning in job.warnings:
-        err.print(f"[yellow]warning: {warning}[/yellow]")
+        err.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True)
     with _progress_bars(err) as progress:
         result = conv.run(job, progress=progress, threads=threads)
     src_size = src.size

@@ -127,3 +127,32 @@ def test_errors_are_typed_for_library_callers(copy):
     folder = copy(model__safetensors=None)
     with pytest.raises(GemmaChatError):
         conv.locate(str(folder))
+
+
+def test_a_catalogue_name_pulls_the_original_weights_first(checkpoint, tmp_path):
+    """`gemma convert 1b-it` against a local stand-in of the Hub serving a tiny checkpoint as
+    google/gemma-3-1b-it: asks for --yes in a script, then downloads (safetensors, configs and
+    tokenizer only) and converts into the store, where `gemma run -m` finds it."""
+    from hubstub import HubStub
+
+    with HubStub(tmp_path / "hub-files") as stub:
+        for item in checkpoint.iterdir():
+            stub.add("google/gemma-3-1b-it", item.name, item)
+        stub.add("google/gemma-3-1b-it", "pytorch_model.bin", b"never fetched")
+        env = {"HF_ENDPOINT": stub.url, "HF_HUB_CACHE": str(tmp_path / "cache"),
+               "HF_HUB_OFFLINE": "", "HF_TOKEN": "", "GEMMA_HOME": str(tmp_path / "home")}
+        refused = run_gemma("convert", "1b-it", "--to", "gguf", env=env)
+        assert refused.returncode == 1 and "pass --yes" in refused.stderr
+        result = run_gemma("convert", "1b-it", "--to", "gguf", "-q", "q8_0", "--yes", env=env,
+                           timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert "the original weights (google/gemma-3-1b-it)" in result.stderr
+    assert "chat with it: gemma chat -m gemma-3-1b-it --backend llama.cpp" in result.stderr
+    snapshot = next((tmp_path / "cache").rglob("snapshots/*"))
+    assert not (snapshot / "pytorch_model.bin").exists()
+    stored = tmp_path / "home" / "models" / "gemma-3-1b-it" / "gemma-3-1b-it-q8_0.gguf"
+    assert stored.is_file()
+    run = run_gemma("run", "-m", "1b-it", "--raw", "-n", "3", "--temp", "0", "--json", "The",
+                    env={**env, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["model"] == "gemma-3-1b-it"

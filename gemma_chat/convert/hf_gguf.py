@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import store
-from ..errors import InvalidModelFile, UnsupportedArchitecture
+from ..errors import InvalidModelFile, UnsupportedArchitecture, missing_extra
 from .checkpoint import Checkpoint
 
 Progress = Callable[..., object]  # (stage, done, total, detail="")
@@ -153,8 +153,10 @@ def add_metadata(writer, ckpt: Checkpoint, out_type: str, name: str) -> None:
 def sentencepiece_vocab(ckpt: Checkpoint) -> tuple[list[bytes], list[float], list[int]]:
     """Pieces, scores and llama.cpp token types from ``tokenizer.model`` and the added tokens of
     ``tokenizer_config.json``; padded with ``[PADn]`` to the config's vocabulary size."""
-    from sentencepiece import SentencePieceProcessor
-
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise missing_extra("sentencepiece", "convert") from None
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(ckpt.sentencepiece_model))
