@@ -478,20 +478,39 @@ def pull(
 
 
 def _local_rows():
-    """(name, format, quantization, bytes, path) of every catalogue model on disk."""
-    from . import catalog
-    from .resolve import find_local, on_disk
+    """(name, format, quantization, bytes, path, origin) of every model on disk: catalogue
+    models wherever they are, and every GGUF and MLX folder in the store (converted ones too)."""
+    from . import catalog, store
+    from .resolve import ResolvedModel, find_local, on_disk
 
-    rows = []
-    for spec in catalog.load().specs:
+    rows, seen = [], set()
+
+    def add(found) -> None:
+        path = found.path
+        if path.resolve() in seen:
+            return
+        seen.add(path.resolve())
+        size = path.stat().st_size if path.is_file() else sum(
+            p.stat().st_size for p in path.rglob("*") if p.is_file())
+        rows.append((found.name, found.format, _quant_of(found), size, path, found.origin))
+
+    cat = catalog.load()
+    for spec in cat.specs:
         for fmt in on_disk(spec):
             found = find_local(spec, fmt)
-            if found is None:
-                continue
-            path = found.path
-            size = path.stat().st_size if path.is_file() else sum(
-                p.stat().st_size for p in path.rglob("*") if p.is_file())
-            rows.append((spec.name, fmt, _quant_of(found), size, path, found.origin))
+            if found is not None:
+                add(found)
+    root = store.models_dir()
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for folder in folders:
+        spec = cat.get(folder.name)
+        for item in sorted(folder.iterdir()):
+            if item.name.startswith("."):
+                continue  # a conversion in progress
+            if item.suffix == ".gguf" and item.is_file():
+                add(ResolvedModel(folder.name, item, "gguf", "store", spec))
+            elif item.is_dir() and (item / "config.json").is_file():
+                add(ResolvedModel(folder.name, item, "mlx", "store", spec))
     return rows
 
 

@@ -156,3 +156,7 @@ def test_a_catalogue_name_pulls_the_original_weights_first(checkpoint, tmp_path)
                     env={**env, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["model"] == "gemma-3-1b-it"
+    listed = run_gemma("list", env={**env, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "Q8_0" in line)
+    assert "gemma-3-1b-it" in row and "store" in row
