@@ -35,22 +35,22 @@ ModelOpt = Annotated[str, typer.Option(
          "a model folder.")]
 BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto, llama.cpp or mlx.")]
 CtxOpt = Annotated[int | None, typer.Option("--ctx", "-c", help="Context size in tokens "
-                                               "[default: min(the model's, 8192)].")]
+                                               "(default: min(the model's, 8192)).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t",
-                                                   help="CPU threads [default: every core].")]
+                                                   help="CPU threads (default: every core).")]
 TempOpt = Annotated[float | None, typer.Option("--temp", help="Temperature; 0 is greedy "
-                                                  "[default: the model's, else 1.0].")]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Top-k; 0 is off [default: 64].")]
+                                                  "(default: the model's, else 1.0).")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Top-k; 0 is off (default: 64).")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Top-p; 1 is off "
-                                                  "[default: 0.95].")]
-MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Min-p; 0 is off [default: 0].")]
+                                                  "(default: 0.95).")]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Min-p; 0 is off (default: 0).")]
 RepeatOpt = Annotated[float | None, typer.Option("--repeat-penalty",
-                                                    help="Repeat penalty; 1 is off [default: 1].")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed [default: random].")]
+                                                    help="Repeat penalty; 1 is off (default: 1).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (default: random).")]
 MaxTokOpt = Annotated[int | None, typer.Option(
     "--max-tokens", "-n",
-    help="Stop after this many tokens [default: until the model stops; 256 for pretrained "
-         "models, which rarely stop on their own].")]
+    help="Stop after this many tokens (default: until the model stops; 256 for pretrained "
+         "models, which rarely stop on their own).")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a catalogue model that "
                                       "is not on disk without asking.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (folded "
@@ -244,8 +244,8 @@ def _default_chat_model() -> tuple[str, str]:
 @app.command()
 def chat(
     model: Annotated[str | None, typer.Option(
-        "--model", "-m", help="As for `gemma run` [default: the configured default-model, else "
-                              "2b-it when it is on disk, else the bundled gemma-3-270m].")] = None,
+        "--model", "-m", help="As for `gemma run` (default: the configured default-model, else "
+                              "2b-it when it is on disk, else the bundled gemma-3-270m).")] = None,
     backend: BackendOpt = "auto",
     system: SystemOpt = None,
     temp: TempOpt = None,
@@ -641,15 +641,15 @@ def convert(
                                           "or a catalogue name (its original weights are "
                                           "pulled first).")],
     to: Annotated[str | None, typer.Option(
-        "--to", help="gguf or mlx [default: mlx on Apple Silicon, gguf elsewhere].")] = None,
+        "--to", help="gguf or mlx (default: mlx on Apple Silicon, gguf elsewhere).")] = None,
     quant: Annotated[str | None, typer.Option(
         "--quant", "-q", help="q4, q5, q8, f16, bf16, f32; for GGUF also q4_0, q4_k_m, q5_k_m, "
-                              "q6_k, q8_0 [default: q4; from a GGUF to MLX: bf16].")] = None,
+                              "q6_k, q8_0 (default: q4; from a GGUF to MLX: bf16).")] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Output folder (or .gguf file) [default: the local store, where "
-                      "`gemma chat -m NAME` finds it].")] = None,
+        "--out", help="Output folder (or .gguf file) (default: the local store, where "
+                      "`gemma chat -m NAME` finds it).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", "-t", help="Quantizer threads "
-                                                "[default: all cores].")] = None,
+                                                "(default: all cores).")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Download the original weights "
                                       "without asking.")] = False,
 ) -> None:
@@ -762,8 +762,8 @@ def bench(
     bandwidth: Annotated[float | None, typer.Option(
         "--bandwidth", help="The machine's peak memory bandwidth in GB/s, for the roofline "
                             "percentage.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table, md, json or csv [default: table "
-                                     "on a terminal, md otherwise].")] = "",
+    fmt: Annotated[str, typer.Option("--format", help="table, md, json or csv (default: table "
+                                     "on a terminal, md otherwise).")] = "",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Append the results "
                                                 "(JSON lines, with machine info).")] = None,
     compare: Annotated[tuple[Path, Path] | None, typer.Option(
