@@ -160,3 +160,14 @@ def test_a_catalogue_name_pulls_the_original_weights_first(checkpoint, tmp_path)
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if "Q8_0" in line)
     assert "gemma-3-1b-it" in row and "store" in row
+
+
+def test_a_converted_model_is_a_source_by_its_store_name(checkpoint, tmp_path):
+    env = {"GEMMA_HOME": str(tmp_path / "home")}
+    first = run_gemma("convert", str(checkpoint), "--to", "gguf", "-q", "f16", env=env)
+    assert first.returncode == 0, first.stderr
+    again = run_gemma("convert", "tiny-gemma3", "--to", "gguf", "-q", "q8_0", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "tiny-gemma3-f16.gguf" in again.stderr and "warning" not in again.stderr
+    stored = sorted(p.name for p in (tmp_path / "home" / "models" / "tiny-gemma3").iterdir())
+    assert stored == ["tiny-gemma3-f16.gguf", "tiny-gemma3-q8_0.gguf"]

@@ -114,6 +114,12 @@ def locate(arg: str) -> Source:
         if ggufs:
             return Source("gguf", ggufs[0], _name_from_gguf(ggufs[0]))
         raise InvalidModelFile(f"{path} has neither config.json nor a .gguf file")
+    if catalog.load().get(text) is None:
+        from ..resolve import _stored
+
+        stored = _stored(text, "gguf", "f16") if "/" not in text else None
+        if stored is not None:  # a model converted into the store earlier
+            return Source("gguf", stored, text)
     spec = catalog.get(text)  # unknown names: a one-line error with suggestions
     original = original_on_disk(spec)
     if original is not None:
