@@ -61,7 +61,7 @@ def write_bf16_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> No
 
 
 MEASURE = """
-import resource, sys, time
+import sys, time
 from pathlib import Path
 import numpy, gguf, llama_cpp
 from gemma_chat.convert import Checkpoint, quantize_gguf, write_gguf
@@ -73,7 +73,11 @@ if what == "write":
     write_gguf(Checkpoint.open(src), dst, "bf16")
 else:
     quantize_gguf(src, dst, "q4_k_m", threads=2)
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - t)
+# VmHWM: this process's peak RSS. (Not ru_maxrss: Linux carries it over from the parent's
+# memory across fork and exec, so a child of a big pytest process would report the parent's.)
+hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+           if line.startswith("VmHWM:"))
+print(base, hwm, time.perf_counter() - t)
 """
 
 
