@@ -218,7 +218,16 @@ def cuda_memory_of(pid: int) -> int | None:
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory in bytes."""
+    """This process's peak resident memory in bytes. On Linux from VmHWM: ru_maxrss there
+    carries the parent's peak over fork and exec, so a worker started by a big process would
+    report the parent's memory."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
