@@ -145,10 +145,6 @@ class Checkpoint:
             yield text_name, self._index[name]
 
     @staticmethod
-    def shape(tensor) -> tuple[int, ...]:
-        return tuple(tensor.shape)
-
-    @staticmethod
     def read(tensor, dtype=np.float32, shift: float = 0.0) -> np.ndarray:
         """The tensor as a new ``dtype`` array (float32, float16, or uint16 meaning bf16 bits),
         plus ``shift``; converted in blocks of rows from the memory map."""
