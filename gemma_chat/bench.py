@@ -264,16 +264,21 @@ def worker(spec: dict) -> dict:
            "accelerator_peak": accelerator_peak,
            "quantization": info.quantization, "device": info.device, "threads": info.threads,
            "n_ctx": info.n_ctx, "load_s": load_s, "peak_rss": peak_rss(),
+           "weight_repack": info.weight_repack,
            "file_bytes": info.path.stat().st_size if info.path.is_file() else None,
            "results": [r.to_dict() for r in results]}
     backend.close()
     return out
 
 
-def measure(spec: dict, progress: Callable[[str], object] = lambda s: None) -> dict:
-    """Run :func:`worker` in a fresh Python process; relay its progress; return its report."""
-    proc = subprocess.Popen([sys.executable, "-m", "gemma_chat.bench", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def measure(spec: dict, progress: Callable[[str], object] = lambda s: None,
+            command: list[str] | None = None) -> dict:
+    """Run :func:`worker` in a fresh Python process; relay its progress; return its report.
+
+    A worker that dies of a signal (llama.cpp's SIGILL or SIGABRT, the kernel's SIGKILL) is
+    reported as that, with the likely fix."""
+    command = command or [sys.executable, "-m", "gemma_chat.bench", json.dumps(spec)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors = []
     for line in proc.stderr:
         if line.startswith("PROGRESS "):
@@ -282,9 +287,12 @@ def measure(spec: dict, progress: Callable[[str], object] = lambda s: None) -> d
             errors.append(line.rstrip())
     out = proc.stdout.read()
     if proc.wait() != 0:
-        from .errors import BackendError
+        from .errors import BackendError, crash_message, describe_exit
 
-        last = errors[-1].removeprefix("error: ") if errors else f"exit code {proc.returncode}"
+        if proc.returncode < 0:
+            raise BackendError(f"benchmarking {spec['model']} failed: "
+                               + crash_message("the worker process", proc.returncode))
+        last = errors[-1].removeprefix("error: ") if errors else describe_exit(proc.returncode)
         raise BackendError(f"benchmarking {spec['model']} failed: {last}")
     return json.loads(out)
 

@@ -67,6 +67,12 @@ def markdown(reports: list[dict], peak_bandwidth: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def repack_lines(reports: list[dict]) -> list[str]:
+    """llama.cpp's weight repacking in each measured process, once per distinct value."""
+    seen = dict.fromkeys(r["weight_repack"] for r in reports if r.get("weight_repack"))
+    return [f"weight repacking: {text}" for text in seen]
+
+
 def csv_text(reports: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)

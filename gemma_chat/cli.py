@@ -15,6 +15,7 @@ from typing import Annotated
 
 import click
 import typer
+from rich.markup import escape
 
 from . import __version__
 from .errors import GemmaChatError, Interrupted, ModelNotFound
@@ -224,6 +225,8 @@ def _load(model: str, backend: str, ctx: int | None, threads: int | None, spinne
     else:
         engine = load_backend(resolved, backend, n_ctx=ctx, threads=threads, verbose=debug)
     engine.load_s = time.perf_counter() - start
+    for note in getattr(engine, "notes", ()):
+        _stderr().print(f"[dim]{escape(note)}[/dim]")
     return resolved, engine
 
 
@@ -443,6 +446,8 @@ def _print_info(info, chat: bool, sampling) -> None:
               f"{info.n_params / 1e6:.0f}M params) {info.path}[/dim]")
     err.print(f"[dim]backend {info.backend} on {info.device}, {info.threads} threads, "
               f"context {info.n_ctx} of {info.n_ctx_train}[/dim]")
+    if info.weight_repack:
+        err.print(f"[dim]repack  {escape(info.weight_repack)}[/dim]")
     err.print(f"[dim]prompt  {'Gemma chat template' if chat else 'raw text'}; "
               f"sampling {sampling.to_dict()}[/dim]")
 
@@ -584,11 +589,28 @@ def show(
             lines.append(f"memory         about {memory.human(est.total)} at context {ctx} "
                          f"(weights {memory.human(est.weights)}, KV cache "
                          f"{memory.human(est.kv_cache)})")
+            repacking = _repack_summary()
+            if repacking:
+                lines.append(f"repacking      {repacking}")
     else:
         lines.append("on disk        no (`gemma pull` downloads it)")
     lines.append("chat template  Gemma's (built in; templates in model files are never run): "
                  + template.PROMPT_FORMAT)
     typer.echo("\n".join(lines))
+
+
+def _repack_summary() -> str:
+    """llama.cpp's weight repacking on this machine, where llama-cpp-python is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return ""
+    from .backends import repack
+
+    state = repack.prepare()
+    if state.note:
+        _stderr().print(f"[dim]{escape(state.note)}[/dim]")
+    return state.describe()
 
 
 @app.command()
@@ -815,10 +837,15 @@ def bench(
     elif fmt == "md":
         typer.echo(report.markdown(reports, bandwidth))
         typer.echo(f"\nsampler: {sampler}; t/s mean ± sd over {reps} runs")
+        for line in report.repack_lines(reports):
+            typer.echo(line)
     else:
         from rich.console import Console
 
-        Console().print(report.table(reports, bandwidth, sampler))
+        console = Console()
+        console.print(report.table(reports, bandwidth, sampler))
+        for line in report.repack_lines(reports):
+            console.print(f"[dim]{escape(line)}[/dim]")
 
 
 def time_now() -> str:

@@ -20,6 +20,7 @@ from .errors import InvalidArgument
 KEYS = {
     "default-model": "the model `gemma chat` uses when no --model is given",
     "default-backend": "auto, llama.cpp or mlx",
+    "repack": "llama.cpp weight repacking: auto (checked once per CPU), on, no-amx or off",
 }
 
 
@@ -59,6 +60,12 @@ def set_value(key: str, value: str | None) -> None:
         from .backends import normalize
 
         value = normalize(value)
+    if key == "repack" and value is not None:
+        from .backends.repack import SETTINGS
+
+        value = value.strip().lower()
+        if value not in SETTINGS:
+            raise InvalidArgument(f"repack must be one of: {', '.join(SETTINGS)}")
     data = load()
     if value is None:
         data.pop(key, None)

@@ -58,3 +58,44 @@ def missing_extra(module: str, extra: str) -> MissingDependency:
     return MissingDependency(
         f"{module} is not installed: pip install 'gemma-chat[{extra}]'"
     )
+
+
+#: What a child process that died of a signal most likely met, and what to do about it.
+_SIGNAL_HINTS = {
+    "SIGILL": ("an instruction this CPU or VM refuses, such as AMX on some Intel Xeon VMs; "
+               "run with GEMMA_REPACK=off, or see Troubleshooting in the README"),
+    "SIGKILL": "it was killed, most likely by the kernel for lack of memory",
+    "SIGABRT": "llama.cpp stopped on a failed check; GEMMA_DEBUG=1 shows its log",
+    "SIGSEGV": "llama.cpp crashed; GEMMA_DEBUG=1 shows its log",
+    "SIGBUS": "the model file changed or became unreadable while it was mapped",
+}
+
+
+def describe_exit(returncode: int) -> str:
+    """A child's exit status in words: ``SIGILL (illegal instruction)``, ``exit code 3``."""
+    import signal
+
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    text = getattr(signal, "strsignal", lambda _: "")(number) or ""
+    return f"{name} ({text.lower()})" if text else name
+
+
+def crash_message(what: str, returncode: int) -> str:
+    """One line for a child that died: what it was doing, the signal, and the likely fix."""
+    text = f"{what} crashed with {describe_exit(returncode)}"
+    if returncode < 0:
+        import signal
+
+        try:
+            hint = _SIGNAL_HINTS.get(signal.Signals(-returncode).name)
+        except ValueError:
+            hint = None
+        if hint:
+            text += f": {hint}"
+    return text

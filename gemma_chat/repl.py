@@ -294,6 +294,7 @@ class ChatApp:
             f"backend       {info.backend} on {info.device}"
             + (f", {info.threads} threads" if info.threads else ""),
             f"context       {info.n_ctx} tokens (the model allows {info.n_ctx_train})",
+            *([f"repacking     {info.weight_repack}"] if info.weight_repack else []),
             f"sampling      {self.sampling.to_dict()}",
             "prompt format " + template.PROMPT_FORMAT,
         ]))

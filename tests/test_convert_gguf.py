@@ -13,6 +13,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from conftest import run_gemma  # noqa: E402
 
+from gemma_chat.backends import repack  # noqa: E402
 from gemma_chat.gguf_file import read_gguf  # noqa: E402
 
 TEXT = Path(__file__).parent / "data" / "public_domain.txt"
@@ -36,6 +37,7 @@ def f16(gguf_path, tmp_path_factory):
 
 
 def perplexity(path: Path, ids: list[int]) -> float:
+    repack.prepare()  # the weight repacking that is safe on this CPU, as gemma-chat loads it
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=2, logits_all=True,
                           verbose=False)
     try:

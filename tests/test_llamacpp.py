@@ -110,9 +110,15 @@ def test_kv_cache_reuse_evaluates_only_new_tokens(backend):
     cached = backend.cached_tokens
     _, s3, _ = collect(backend, p3)
     assert s3.prompt_eval_tokens == len(p3) - lcp(cached, p3)
-    # The same prompt again re-evaluates exactly one token (to get fresh logits).
+    # The same prompt again evaluates nothing: its first token is sampled from the logits kept
+    # from its own evaluation, so greedy decoding repeats itself exactly.
     _, s4, _ = collect(backend, p3)
-    assert s4.prompt_eval_tokens == 1
+    assert s4.prompt_eval_tokens == 0 and s4.token_ids == s3.token_ids
+    # Once the cache is rolled back into that prompt, the saved logits are gone: one token is
+    # evaluated again to get fresh ones.
+    backend.trim_cache(len(p3) - 2)
+    _, s5, _ = collect(backend, p3)
+    assert s5.prompt_eval_tokens == 2
 
 
 def test_multibyte_characters_split_across_tokens(backend):

@@ -151,6 +151,7 @@ class ModelInfo:
     threads: int | None = None
     gpu_layers: int = 0
     sampling_defaults: Mapping[str, float] = field(default_factory=dict)
+    weight_repack: str = ""  # llama.cpp's CPU weight repacking, where the backend has one
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)

@@ -23,10 +23,12 @@ import numpy as np
 from ..errors import BackendError, ContextOverflow, InvalidArgument, missing_extra
 from ..gguf_file import check_gemma, read_gguf
 from ..template import END_OF_TURN
+from . import repack
 from .base import Chunk, ModelInfo, Prompt, SamplingParams, Stats
 
 DEFAULT_MAX_CTX = 8192  # a Gemma 3 model's 128k context would allocate many GB of KV cache
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+_SAVED_PROMPTS = 8  # prompts whose final logits are kept for an exact re-run
 
 try:
     import llama_cpp
@@ -115,6 +117,9 @@ class LlamaCppBackend:
         if gpu_layers is None:
             gpu_layers = -1 if offload else 0
         _quiet_logs(verbose)
+        # Before llama.cpp's first load in this process: weight repacking that is safe here.
+        self.repack = repack.prepare()
+        self.notes = [self.repack.note] if self.repack.note else []
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -143,6 +148,12 @@ class LlamaCppBackend:
         self._n_vocab = model.n_vocab()
         self._cancel = threading.Event()
         self._pieces: dict[int, bytes] = {}
+        # The logits at the end of the last few evaluated prompts, by length (1 MB each with
+        # Gemma's vocabulary): a prompt that is wholly in the cache again (/retry after /undo,
+        # a repeated request) samples its first token from them instead of re-evaluating its
+        # last token alone, which a repacked-weight build computes with other kernels than the
+        # batch did, so greedy output could change.
+        self._prompt_logits: dict[int, np.ndarray] = {}
         eot = self.tokenize(END_OF_TURN)
         self._eot = eot[0] if len(eot) == 1 else None
         self._eos = model.token_eos()
@@ -168,6 +179,7 @@ class LlamaCppBackend:
             threads=threads,
             gpu_layers=gpu_layers if offload else 0,
             sampling_defaults=_sampling_from_metadata(gguf.metadata),
+            weight_repack=self.repack.describe(),
         )
 
     # -- tokens -----------------------------------------------------------------------------
@@ -222,6 +234,8 @@ class LlamaCppBackend:
             n_tokens = 0
             self._ctx.kv_cache_clear()
         self._llm.n_tokens = n_tokens
+        for n in [n for n in self._prompt_logits if n > n_tokens]:
+            del self._prompt_logits[n]
         return note
 
     def save_state(self, path: Path) -> None:
@@ -237,6 +251,7 @@ class LlamaCppBackend:
         cap = self._n_ctx
         arr = (llama_cpp.llama_token * cap)()
         count = ctypes.c_size_t(0)
+        self._prompt_logits.clear()
         self._ctx.kv_cache_clear()
         read = llama_cpp.llama_state_seq_load_file(
             self._ctx.ctx, str(path).encode(), 0, arr, cap, ctypes.byref(count))
@@ -252,6 +267,11 @@ class LlamaCppBackend:
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def _logits_view(self) -> np.ndarray:
+        """The logits of the last evaluated position, in llama.cpp's own buffer."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
     def _greedy_argmax(self):
         """Pure greedy decoding: the argmax of the last logits, read in place. llama.cpp's
@@ -338,14 +358,23 @@ class LlamaCppBackend:
             if a != b:
                 break
             lcp += 1
-        lcp = min(lcp, len(ids) - 1)
-        note = self.trim_cache(lcp)
-        reused = llm.n_tokens
+        saved = self._prompt_logits.get(len(ids)) if lcp >= len(ids) else None
+        if saved is not None:
+            self.trim_cache(len(ids))
+            self._logits_view()[:] = saved  # the prompt's own logits, as first computed
+            reused, note = len(ids), ""
+        else:
+            note = self.trim_cache(min(lcp, len(ids) - 1))
+            reused = llm.n_tokens
         stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
                       cache_note=note)
         chain, stats.sampler = self._sampler(sp, logit_bias, ids)
 
-        llm.eval(ids[reused:])
+        if reused < len(ids):
+            llm.eval(ids[reused:])
+            self._prompt_logits[len(ids)] = self._logits_view().copy()
+            while len(self._prompt_logits) > _SAVED_PROMPTS:
+                del self._prompt_logits[next(iter(self._prompt_logits))]
         stats.prefill_s = time.perf_counter() - t_start
         detok = IncrementalDetokenizer(self.piece)
         n_ctx = self._n_ctx

@@ -17,6 +17,9 @@ def llama_cpp_logits(path: Path, ids: list[int], threads: int = 2) -> np.ndarray
     """(len(ids), vocab) logits from llama.cpp for a GGUF."""
     import llama_cpp
 
+    from ..backends import repack
+
+    repack.prepare()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(256, len(ids) + 16),
                           n_threads=threads, logits_all=True, verbose=False)
     try:
