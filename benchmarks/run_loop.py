@@ -23,7 +23,7 @@ import time
 
 import llama_cpp
 
-from gemma_chat import run as runmod
+from gemma_chat import generate as gen
 from gemma_chat.backends.base import SamplingParams
 from gemma_chat.backends.llamacpp import LlamaCppBackend, default_threads
 from gemma_chat.resolve import resolve
@@ -38,7 +38,7 @@ def random_prompt(n: int, n_vocab: int, bos: int, seed: int = 0) -> list[int]:
 def ours_prefill(backend: LlamaCppBackend, prompt: list[int]) -> float:
     backend.trim_cache(0)
     sampling = SamplingParams(temperature=0, max_tokens=1)
-    _, stats = runmod.run(backend, prompt, sampling, lambda s: None, ignore_eos=True)
+    _, stats = gen.generate(backend, prompt, sampling, lambda s: None, ignore_eos=True)
     assert stats.prompt_eval_tokens == len(prompt)
     return stats.prompt_eval_tokens / stats.prefill_s
 
@@ -54,7 +54,7 @@ def raw_prefill(llm: llama_cpp.Llama, prompt: list[int]) -> float:
 def ours_decode(backend: LlamaCppBackend, prompt: list[int], n: int) -> float:
     backend.trim_cache(0)
     sampling = SamplingParams(temperature=0, max_tokens=n)
-    _, stats = runmod.run(backend, prompt, sampling, lambda s: None, ignore_eos=True)
+    _, stats = gen.generate(backend, prompt, sampling, lambda s: None, ignore_eos=True)
     assert stats.generated_tokens == n, stats
     return stats.decode_tps
 

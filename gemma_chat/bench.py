@@ -20,11 +20,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .backends.base import Backend, SamplingParams
+from .backends.base import Backend, SamplingParams, collect
+from .errors import InvalidArgument
 
 
 @dataclass
@@ -89,10 +89,7 @@ def _repeat(result: Result, reps: int, progress, run_once, timed) -> Result:
 
 
 def _last_stats(backend: Backend, prompt: list[int], sampling: SamplingParams):
-    stats = None
-    for chunk in backend.stream(prompt, sampling, ignore_eos=True):
-        stats = chunk.stats or stats
-    return stats
+    return collect(backend.stream(prompt, sampling, ignore_eos=True))[1]
 
 
 def run_bench(backend: Backend, prompts=(512,), gens=(128,), reps: int = 5, depths=(0,),
@@ -163,7 +160,7 @@ def run_chat(backend: Backend, turns: int = 10, reps: int = 3, max_tokens: int =
             for _ in convo.send(chat_turn_text(i), sampling):
                 pass
             if convo.dropped:
-                raise ValueError("the context is too small for this chat: raise --ctx")
+                raise InvalidArgument("the context is too small for this chat: raise --ctx")
             stats, result = convo.last_stats, per_turn[i]
             result.tokens = max(stats.generated_tokens - 1, 1)
             result.seconds.append(stats.decode_s)
@@ -232,26 +229,46 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def worker(spec: dict) -> dict:
+@dataclass
+class BenchSpec:
+    """What one worker process measures."""
+
+    model: str
+    backend: str = "auto"
+    prompts: list[int] = field(default_factory=lambda: [512])
+    gens: list[int] = field(default_factory=lambda: [128])
+    reps: int = 5
+    depths: list[int] = field(default_factory=lambda: [0])
+    threads: int | None = None
+    ctx: int | None = None
+    chat_turns: int = 0
+    temperature: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> BenchSpec:
+        return cls(**json.loads(text))
+
+
+def worker(spec: BenchSpec) -> dict:
     """Runs in the subprocess: load one model, run the tests, report."""
-    from .backends import formats_for, load_backend
-    from .resolve import resolve
+    from . import loader
 
     def progress(text: str) -> None:
-        print(f"PROGRESS {spec['model']}: {text}", file=sys.stderr, flush=True)
+        print(f"PROGRESS {spec.model}: {text}", file=sys.stderr, flush=True)
 
     progress("loading")
-    resolved = resolve(spec["model"], formats_for(spec["backend"]))
-    start = time.perf_counter()
-    backend = load_backend(resolved, spec["backend"], n_ctx=spec.get("ctx"),
-                           threads=spec.get("threads"))
-    load_s = time.perf_counter() - start
-    sampling = SamplingParams(temperature=spec.get("temperature", 0.0))
-    if spec.get("chat_turns"):
-        results = run_chat(backend, spec["chat_turns"], spec["reps"], progress=progress)
+    model = loader.load(loader.find(spec.model, spec.backend), spec.backend,
+                        loader.LoadOptions(n_ctx=spec.ctx, threads=spec.threads))
+    backend, load_s = model.backend, model.load_s
+    sampling = SamplingParams(temperature=spec.temperature)
+    if spec.chat_turns:
+        results = run_chat(backend, spec.chat_turns, spec.reps, progress=progress)
     else:
-        results = run_bench(backend, spec["prompts"], spec["gens"], spec["reps"],
-                            spec["depths"], sampling, progress)
+        results = run_bench(backend, spec.prompts, spec.gens, spec.reps, spec.depths, sampling,
+                            progress)
     info = backend.info
     accelerator_peak = None
     if info.backend == "mlx":  # Metal memory on Apple Silicon (MLX's own count on the CPU)
@@ -271,13 +288,13 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def measure(spec: dict, progress: Callable[[str], object] = lambda s: None,
+def measure(spec: BenchSpec, progress: Callable[[str], object] = lambda s: None,
             command: list[str] | None = None) -> dict:
     """Run :func:`worker` in a fresh Python process; relay its progress; return its report.
 
     A worker that dies of a signal (llama.cpp's SIGILL or SIGABRT, the kernel's SIGKILL) is
     reported as that, with the likely fix."""
-    command = command or [sys.executable, "-m", "gemma_chat.bench", json.dumps(spec)]
+    command = command or [sys.executable, "-m", "gemma_chat.bench", spec.to_json()]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors = []
     for line in proc.stderr:
@@ -290,10 +307,10 @@ def measure(spec: dict, progress: Callable[[str], object] = lambda s: None,
         from .errors import BackendError, crash_message, describe_exit
 
         if proc.returncode < 0:
-            raise BackendError(f"benchmarking {spec['model']} failed: "
+            raise BackendError(f"benchmarking {spec.model} failed: "
                                + crash_message("the worker process", proc.returncode))
         last = errors[-1].removeprefix("error: ") if errors else describe_exit(proc.returncode)
-        raise BackendError(f"benchmarking {spec['model']} failed: {last}")
+        raise BackendError(f"benchmarking {spec.model} failed: {last}")
     return json.loads(out)
 
 
@@ -308,7 +325,7 @@ def main() -> int:  # the subprocess entry point
     from .errors import GemmaChatError
 
     try:
-        print(json.dumps(worker(json.loads(sys.argv[1]))))
+        print(json.dumps(worker(BenchSpec.from_json(sys.argv[1]))))
     except GemmaChatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -109,3 +109,11 @@ def compare(a: list[dict], b: list[dict]) -> list[tuple[str, str, str, float, fl
     return [(m, be, t, ia[(m, be, t)], ib[(m, be, t)],
              ib[(m, be, t)] / ia[(m, be, t)] if ia[(m, be, t)] else float("nan"))
             for (m, be, t) in ia if (m, be, t) in ib]
+
+
+def compare_markdown(a: list[dict], b: list[dict]) -> str:
+    """``gemma bench --compare A B`` as a Markdown table."""
+    lines = ["| model | backend | test | a t/s | b t/s | b/a |", "|---|---|---|---:|---:|---:|"]
+    for m, be, t, ta, tb, ratio in compare(a, b):
+        lines.append(f"| {m} | {be} | {t} | {ta:.2f} | {tb:.2f} | {ratio:.3f} |")
+    return "\n".join(lines)

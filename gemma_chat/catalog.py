@@ -21,18 +21,19 @@ from pathlib import Path
 
 from . import quant as quantmod
 from .errors import CatalogError, ModelNotFound
+from .family import GEMMA
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+ARCHITECTURES = tuple(GEMMA)
 FAMILIES = ("gemma-1", "gemma-1.1", "gemma-2", "gemma-3")
 
 
 @dataclass(frozen=True)
-class Source:
+class Download:
     """A downloadable artifact: a Hugging Face repo and, for GGUF, one file in it."""
 
     repo: str
@@ -58,8 +59,8 @@ class ModelSpec:
     bundled: str | None = None  # a Python package that carries the weights
     text_part_of_multimodal: bool = False
     shape: dict[str, float] = field(default_factory=dict)
-    gguf: dict[str, Source] = field(default_factory=dict)  # llama.cpp type name -> file
-    mlx: dict[str, Source] = field(default_factory=dict)  # 4bit / 8bit / bf16 -> repo
+    gguf: dict[str, Download] = field(default_factory=dict)  # llama.cpp type name -> file
+    mlx: dict[str, Download] = field(default_factory=dict)  # 4bit / 8bit / bf16 -> repo
 
     @property
     def instruction_tuned(self) -> bool:
@@ -72,20 +73,20 @@ class ModelSpec:
             return f"{self.params_b * 1000:.0f}M"
         return f"{self.params_b:.1f}B"
 
-    def gguf_source(self, quant: str = "q4") -> tuple[str, Source] | None:
+    def gguf_source(self, quant: str = "q4") -> tuple[str, Download] | None:
         """The catalogue's GGUF file for ``--quant`` (``q4``: Google's QAT Q4_0 first)."""
         for key in quantmod.gguf_candidates(quant):
             if key in self.gguf:
                 return key, self.gguf[key]
         return None
 
-    def mlx_source(self, quant: str = "q4") -> tuple[str, Source] | None:
+    def mlx_source(self, quant: str = "q4") -> tuple[str, Download] | None:
         """The catalogue's MLX repo for ``--quant``."""
         key = quantmod.MLX_KEYS[quantmod.parse(quant, "mlx")]
         return (key, self.mlx[key]) if key in self.mlx else None
 
     def to_dict(self) -> dict[str, object]:
-        def src(s: Source) -> dict[str, object]:
+        def src(s: Download) -> dict[str, object]:
             d: dict[str, object] = {"repo": s.repo}
             if s.file:
                 d["file"] = s.file
@@ -136,7 +137,7 @@ _REQUIRED = {
 }
 
 
-def _sources(card: dict, key: str, allowed: set[str], where: str) -> dict[str, Source]:
+def _sources(card: dict, key: str, allowed: set[str], where: str) -> dict[str, Download]:
     table = card.get(key, {})
     if not isinstance(table, dict):
         raise CatalogError(f"{where}: [{key}] must be a table")
@@ -149,7 +150,7 @@ def _sources(card: dict, key: str, allowed: set[str], where: str) -> dict[str, S
         file = entry.get("file")
         if key == "gguf" and not (isinstance(file, str) and file.endswith(".gguf")):
             raise CatalogError(f"{where}: [{key}.{qkey}] needs a .gguf file name")
-        out[qkey] = Source(entry["repo"], file, bool(entry.get("confirmed", True)))
+        out[qkey] = Download(entry["repo"], file, bool(entry.get("confirmed", True)))
     return out
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from . import template
 from .backends.base import Backend, Chunk, SamplingParams, Stats
 from .errors import ContextOverflow, InvalidArgument
+from .prompt import PromptBuilder
 
 #: Room kept for the reply when the conversation is trimmed to fit, if max_tokens is not set.
 DEFAULT_REPLY_RESERVE = 512
@@ -46,32 +46,18 @@ class Conversation:
         self.exchanges: list[Exchange] = []
         self.last_stats: Stats | None = None
         self.dropped = 0  # exchanges the last send dropped to fit the context
-        self._closing = backend.tokenize(template.END_OF_TURN + "\n")
-        self._user_cache: dict[tuple[bool, str | None, str], list[int]] = {}
+        self.prompts = PromptBuilder(backend)
 
     # -- token ids ------------------------------------------------------------------------
-
-    def _user_ids(self, first: bool, user: str) -> list[int]:
-        """One rendered user turn plus the model's turn opener; the first turn carries <bos>
-        and the folded system prompt."""
-        key = (first, self.system if first else None, user)
-        ids = self._user_cache.get(key)
-        if ids is None:
-            text = user.strip()
-            if first and self.system:
-                text = self.system + "\n\n" + text
-            rendered = template.render_turn("user", text) + template.generation_prompt()
-            ids = self.backend.tokenize((template.BOS if first else "") + rendered)
-            self._user_cache[key] = ids
-        return ids
 
     def ids_for(self, exchanges: list[Exchange], pending: str | None = None) -> list[int]:
         """The token ids of ``exchanges`` and, when given, a new user turn awaiting a reply."""
         ids: list[int] = []
+        turn, closing = self.prompts.user_turn, self.prompts.closing
         for i, ex in enumerate(exchanges):
-            ids += self._user_ids(i == 0, ex.user) + ex.reply_ids + self._closing
+            ids += turn(ex.user, first=i == 0, system=self.system) + ex.reply_ids + closing
         if pending is not None:
-            ids += self._user_ids(not exchanges, pending)
+            ids += turn(pending, first=not exchanges, system=self.system)
         return ids
 
     @property
@@ -93,7 +79,7 @@ class Conversation:
         whitespace the template strips from replies)."""
         if not self.exchanges:
             return ""
-        return template.render(self.messages, add_generation_prompt=False)
+        return "".join(self.prompts.format.parts(self.messages, add_generation_prompt=False))
 
     # -- fitting the context --------------------------------------------------------------
 
@@ -168,7 +154,6 @@ class Conversation:
     def rebind(self, backend: Backend) -> None:
         """Move to another model: replies are re-tokenized with its vocabulary."""
         self.backend = backend
-        self._closing = backend.tokenize(template.END_OF_TURN + "\n")
-        self._user_cache.clear()
+        self.prompts = PromptBuilder(backend)
         for ex in self.exchanges:
             ex.reply_ids = backend.tokenize(ex.reply, special=False)

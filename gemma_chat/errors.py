@@ -19,6 +19,11 @@ class InvalidArgument(GemmaChatError):
     exit_code = 2
 
 
+class InvalidMessages(InvalidArgument):
+    """A conversation the prompt format cannot render: unknown roles, roles out of order, a
+    content type it does not take."""
+
+
 class ModelNotFound(GemmaChatError):
     """The model argument names nothing we know or nothing on disk."""
 
@@ -45,6 +50,22 @@ class ContextOverflow(GemmaChatError):
 
 class CatalogError(GemmaChatError):
     """The model catalogue data is malformed (a packaging bug, reported clearly)."""
+
+
+class HubError(GemmaChatError):
+    """The Hugging Face Hub refused or could not be reached; the message says what to do."""
+
+
+class GatedRepo(HubError):
+    """A gated or private repo and no token that opens it."""
+
+    def __init__(self, message: str, repo: str):
+        super().__init__(message)
+        self.repo = repo
+
+
+class NotEnoughSpace(GemmaChatError):
+    """A download or conversion does not fit on the disk."""
 
 
 class Interrupted(GemmaChatError):

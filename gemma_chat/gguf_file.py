@@ -18,9 +18,10 @@ from pathlib import Path
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from .errors import InvalidModelFile, UnsupportedArchitecture
+from .family import GEMMA
 
 GGUF_MAGIC = b"GGUF"
-GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+GEMMA_ARCHITECTURES = tuple(GEMMA)
 
 _SCALARS = {
     GGUFValueType.UINT8: "<B",

@@ -25,27 +25,11 @@ from tqdm.std import tqdm as std_tqdm
 
 from . import catalog, memory
 from .catalog import ModelSpec
-from .errors import GemmaChatError, InvalidArgument, ModelNotFound
+from .errors import GatedRepo, HubError, InvalidArgument, ModelNotFound, NotEnoughSpace
 from .resolve import ResolvedModel, find_local
 
 REACH_TIMEOUT = 4.0
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class HubError(GemmaChatError):
-    """The Hub refused or could not be reached; the message says what to do."""
-
-
-class GatedRepo(HubError):
-    """A gated or private repo and no token that opens it."""
-
-    def __init__(self, message: str, repo: str):
-        super().__init__(message)
-        self.repo = repo
-
-
-class NotEnoughSpace(GemmaChatError):
-    """The download does not fit on the disk."""
 
 
 def endpoint() -> str:
@@ -301,9 +285,9 @@ ORIGINAL_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
 
 def original_on_disk(spec: ModelSpec) -> ResolvedModel | None:
     """A catalogue model's original safetensors checkpoint in the Hugging Face cache."""
-    from .resolve import _hf_cached_snapshot
+    from .resolve import hf_cached_snapshot
 
-    folder = _hf_cached_snapshot(spec.hf_repo) if spec.hf_repo else None
+    folder = hf_cached_snapshot(spec.hf_repo) if spec.hf_repo else None
     if folder is None or not (folder / "config.json").is_file() or \
             not any(folder.glob("*.safetensors")):
         return None

@@ -15,6 +15,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .family import layer_kinds
+
 N_UBATCH = 512
 RUNTIME_OVERHEAD = 40 * 2**20  # the inference library, its threads and small buffers
 
@@ -31,22 +33,13 @@ class Estimate:
         return self.weights + self.kv_cache + self.compute + self.overhead
 
 
-def layer_kinds(arch: str, layers: int, pattern: int = 6) -> tuple[int, int]:
-    """(global layers, sliding-window layers) of a Gemma architecture."""
-    if arch == "gemma2":  # sliding window and global attention alternate
-        return layers - layers // 2, layers // 2
-    if arch == "gemma3":  # five sliding-window layers, then one global
-        n_global = layers // pattern
-        return n_global, layers - n_global
-    return layers, 0
-
-
 def estimate(shape: dict, arch: str, weights_bytes: int, n_ctx: int,
              swa_full: bool = False, n_ubatch: int = N_UBATCH) -> Estimate:
     """Memory for a model of ``shape`` (the catalogue's [shape] table) at context ``n_ctx``."""
     layers = int(shape["layers"])
     kv_per_cell = int(shape["kv_heads"]) * int(shape["head_dim"]) * 2 * 2  # K and V, f16
-    n_global, n_swa = layer_kinds(arch, layers, int(shape.get("sliding_window_pattern", 6)))
+    pattern = shape.get("sliding_window_pattern")
+    n_global, n_swa = layer_kinds(arch, layers, int(pattern) if pattern else None)
     window = int(shape.get("sliding_window", n_ctx))
     swa_cells = n_ctx if swa_full else min(n_ctx, window + n_ubatch)
     kv = kv_per_cell * (n_global * n_ctx + n_swa * swa_cells)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from . import sessions, store, template
+from . import sessions, store
 from .backends.base import Backend, SamplingParams
 from .chat import Conversation
 from .errors import GemmaChatError
@@ -296,7 +296,7 @@ class ChatApp:
             f"context       {info.n_ctx} tokens (the model allows {info.n_ctx_train})",
             *([f"repacking     {info.weight_repack}"] if info.weight_repack else []),
             f"sampling      {self.sampling.to_dict()}",
-            "prompt format " + template.PROMPT_FORMAT,
+            "prompt format " + self.conversation.prompts.format.description,
         ]))
 
     def cmd_save(self, arg: str) -> None:

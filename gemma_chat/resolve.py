@@ -16,13 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import catalog, store
+from . import catalog, family, store
 from .catalog import ModelSpec
 from .errors import InvalidArgument, InvalidModelFile, ModelNotFound, UnsupportedArchitecture
 from .gguf_file import read_gguf
-
-#: ``config.json`` model types we accept in a safetensors folder.
-HF_MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}
 
 FORMATS = ("gguf", "mlx")
 
@@ -61,10 +58,10 @@ def _folder_format(path: Path) -> str:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, json.JSONDecodeError) as exc:
         raise InvalidModelFile(f"{config} is not valid JSON ({exc})") from None
-    if model_type not in HF_MODEL_TYPES:
+    if family.architecture_of(model_type) is None:
         raise UnsupportedArchitecture(
             f"{path.name} is a {model_type!r} checkpoint, not Gemma "
-            f"(supported: {', '.join(HF_MODEL_TYPES)})"
+            f"(supported: {family.supported_model_types()})"
         )
     if not any(path.glob("*.safetensors")):
         if any(path.glob("*.bin")) or any(path.glob("*.pt")):
@@ -75,7 +72,7 @@ def _folder_format(path: Path) -> str:
     return "mlx"
 
 
-def _spec_for_file(path: Path) -> ModelSpec | None:
+def spec_for_file(path: Path) -> ModelSpec | None:
     cat = catalog.load()
     for spec in cat.specs:
         if any(s.file == path.name for s in spec.gguf.values()):
@@ -93,10 +90,10 @@ def resolve_path(path: Path) -> ResolvedModel:
         if fmt == "gguf":
             return resolve_path(sorted(path.glob("*.gguf"))[0])
         return ResolvedModel(path.name, path, "mlx", "path", catalog.load().get(path.name))
-    return ResolvedModel(path.stem, path, "gguf", "path", _spec_for_file(path))
+    return ResolvedModel(path.stem, path, "gguf", "path", spec_for_file(path))
 
 
-def _looks_like_path(arg: str) -> bool:
+def looks_like_path(arg: str) -> bool:
     return (
         arg.endswith(".gguf")
         or arg.startswith((".", "~", "/"))
@@ -129,7 +126,7 @@ def _hf_cached_file(repo: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def _hf_cached_snapshot(repo: str) -> Path | None:
+def hf_cached_snapshot(repo: str) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -139,7 +136,7 @@ def _hf_cached_snapshot(repo: str) -> Path | None:
         return None
 
 
-def _stored(name: str, fmt: str, quant: str = "q4") -> Path | None:
+def stored(name: str, fmt: str, quant: str = "q4") -> Path | None:
     """A model in the store under ``name``: the GGUF (or MLX folder) closest to ``quant``."""
     from . import quant as quantmod
 
@@ -169,7 +166,7 @@ def _stored(name: str, fmt: str, quant: str = "q4") -> Path | None:
 def find_local(spec: ModelSpec, fmt: str, quant: str = "q4") -> ResolvedModel | None:
     """A catalogue model's weights of format ``fmt`` already on disk, or None."""
     bundled = bundled_path(spec) if fmt == "gguf" and spec.bundled else None
-    path = _stored(spec.name, fmt, quant)
+    path = stored(spec.name, fmt, quant)
     if path is not None:
         origin = "bundled" if bundled is not None and path == bundled else "store"
         return ResolvedModel(spec.name, path, fmt, origin, spec)
@@ -199,7 +196,7 @@ def on_disk(spec: ModelSpec) -> list[str]:
         if fmt == "gguf" and spec.bundled and importlib.util.find_spec(spec.bundled):
             found.append(fmt)
             continue
-        if _stored(spec.name, fmt) is not None:
+        if stored(spec.name, fmt) is not None:
             found.append(fmt)
             continue
         sources = spec.gguf.values() if fmt == "gguf" else spec.mlx.values()
@@ -223,7 +220,7 @@ def _download_hint(spec: ModelSpec, fmt: str, quant: str) -> str:
 
 def _resolve_repo(repo: str, formats: tuple[str, ...], quant: str) -> ResolvedModel:
     spec = catalog.load().by_repo(repo)
-    snapshot = _hf_cached_snapshot(repo)
+    snapshot = hf_cached_snapshot(repo)
     if snapshot is None:
         raise ModelNotFound(
             f"{repo} is not in the Hugging Face cache; download it with: hf download {repo}"
@@ -256,7 +253,7 @@ def resolve(model: str, formats: tuple[str, ...] = ("gguf",), quant: str = "q4")
     arg = model.strip()
     if not arg:
         raise ModelNotFound("no model given")
-    if _looks_like_path(arg):
+    if looks_like_path(arg):
         return resolve_path(Path(arg))
     cat = catalog.load()
     spec = cat.get(arg)
@@ -271,7 +268,7 @@ def resolve(model: str, formats: tuple[str, ...] = ("gguf",), quant: str = "q4")
         raise ModelNotFound(f"{spec.name} is not on disk; download it with: gemma pull {arg} "
                             f"(it fetches {_download_hint(spec, formats[0], quant)}){extra}")
     for fmt in formats:  # a model converted into the store under its own name
-        path = _stored(arg, fmt, quant) if "/" not in arg else None
+        path = stored(arg, fmt, quant) if "/" not in arg else None
         if path is not None:
             return ResolvedModel(arg, path, fmt, "store", None)
     if arg.count("/") == 1 and not arg.startswith("/"):

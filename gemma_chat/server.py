@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -29,8 +30,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import template
-from .backends.base import Backend, Chunk, SamplingParams, Stats, apply_model_defaults
-from .errors import GemmaChatError
+from .backends.base import Backend, Chunk, SamplingParams, Stats
+from .errors import GemmaChatError, InvalidMessages
+from .generate import default_sampling
+from .prompt import PromptBuilder
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 4
@@ -83,11 +86,12 @@ class StopStrings:
 
 @dataclass
 class Job:
-    """One validated generation request."""
+    """One validated generation request, with the switch that cancels it and nothing else."""
 
     prompt: list[int]
     sampling: SamplingParams
     stops: list[str] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -109,7 +113,8 @@ class Server:
         self.lock = asyncio.Lock()
         self.counters = Counters()
         self.created = int(time.time())
-        self.defaults = apply_model_defaults(SamplingParams(), backend.info.sampling_defaults)
+        self.defaults = default_sampling(backend, capped=False)
+        self.prompts = PromptBuilder(backend)
 
     # -- request parsing ----------------------------------------------------------------------
 
@@ -192,16 +197,16 @@ class Server:
         return stops
 
     def chat_prompt(self, data: dict) -> list[int]:
-        """Token ids of the chat template over ``messages``. Leading system (or developer)
-        messages are joined into one; Gemma folds it into the first user turn."""
+        """Token ids of the model's chat format over ``messages``. Leading system (or
+        developer) messages are joined into one."""
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
-        normalized: list[dict[str, str]] = []
+        normalized: list[dict[str, object]] = []
         try:
             for i, message in enumerate(messages):
                 if not isinstance(message, dict):
-                    raise ValueError(f"message {i} must be an object")
+                    raise InvalidMessages(f"message {i} must be an object")
                 role = message.get("role")
                 role = "system" if role == "developer" else role  # newer clients say developer
                 content = template.content_text(message, i)
@@ -210,8 +215,8 @@ class Server:
                     normalized[0]["content"] += "\n\n" + content
                     continue
                 normalized.append({"role": role, "content": content})
-            return self.backend.tokenize(template.render(normalized))
-        except ValueError as exc:
+            return self.prompts.chat(normalized)
+        except InvalidMessages as exc:
             raise APIError(400, f"invalid messages: {exc}", param="messages") from None
 
     def completion_prompt(self, data: dict) -> list[int]:
@@ -220,9 +225,7 @@ class Server:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "prompt must be a non-empty string", param="prompt")
-        ids = self.backend.tokenize(prompt)
-        bos = self.backend.info.bos_id
-        return ids if ids[:1] == [bos] else [bos, *ids]
+        return self.prompts.raw(prompt)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -238,7 +241,7 @@ class Server:
 
         def worker() -> None:
             try:
-                for chunk in backend.stream(job.prompt, job.sampling):
+                for chunk in backend.stream(job.prompt, job.sampling, cancel=job.cancel):
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except BaseException as exc:  # handed to the event loop, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -264,7 +267,7 @@ class Server:
                 chunk: Chunk = item
                 text, hit = stops.feed(chunk.text)
                 if hit:
-                    backend.cancel()
+                    job.cancel.set()
                     stats = await self._drain(queue)
                     done = True
                     yield text, stats, "stop"
@@ -272,15 +275,14 @@ class Server:
                 if chunk.stats is not None:
                     text += stops.flush()
                     done = True
-                    reason = "stop" if chunk.stats.stop_reason == "stop" else "length"
-                    yield text, chunk.stats, reason
+                    yield text, chunk.stats, chunk.finish_reason
                     return
                 if text:
                     yield text, None, None
         finally:
             self.counters.served += 1
             if not done:
-                backend.cancel()  # the client left: stop within one token
+                job.cancel.set()  # the client left: stop this generation within one token
                 self.counters.cancelled += 1
 
     @staticmethod

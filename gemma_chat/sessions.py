@@ -96,7 +96,7 @@ def save(convo: Conversation, path: Path, sampling: dict[str, object],
                 record["kv_state"] = kv_path.name
                 record["kv_tokens"] = len(convo.backend.cached_tokens)
                 saved_kv = kv_path
-            except (GemmaChatError, NotImplementedError, AttributeError):
+            except GemmaChatError:
                 saved_kv = None
         with store.atomic_path(path) as tmp:
             tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -121,10 +121,11 @@ def _exchanges_from(records: list, where: Path) -> list[Exchange]:
 
 def _exchanges_from_messages(messages: list, where: Path) -> tuple[str | None, list[Exchange]]:
     from . import template
+    from .errors import InvalidMessages
 
     try:
         system, turns = template.normalize(messages)
-    except ValueError as exc:
+    except InvalidMessages as exc:
         raise InvalidArgument(f"{where}: {exc}") from None
     exchanges = []
     for i in range(0, len(turns) - 1, 2):
@@ -255,7 +256,7 @@ def restore(convo: Conversation, saved: Saved) -> str:
     if saved.kv_path is not None and same_model:
         try:
             cached = convo.backend.load_state(saved.kv_path)
-        except (GemmaChatError, NotImplementedError, AttributeError):
+        except GemmaChatError:
             return (f"resumed {n} exchanges; the KV state did not load, so the history is "
                     "re-processed")
         return (f"resumed {n} exchanges with their KV state ({len(cached)} tokens, "

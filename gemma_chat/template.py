@@ -9,16 +9,19 @@ Gemma 3's official template folds a system message into the first user turn as
 fold it the same way instead. Message contents are stripped, as the official templates do
 (the system text is not, again as Gemma 3's template does).
 
-The rendered string starts with the literal ``<bos>``: tokenize it with special-token parsing
-on and without adding another BOS, so the prompt holds exactly one.
+The rendered string starts with the literal ``<bos>``. :func:`parts` gives the same text as
+markers and plain text apart, so that :mod:`gemma_chat.prompt` can tokenize message contents as
+plain text (text a user types never becomes a control token) and the prompt holds exactly one
+BOS.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from .errors import InvalidMessages
+
 BOS = "<bos>"
-EOS = "<eos>"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 ROLES = ("system", "user", "assistant")
@@ -41,39 +44,40 @@ def content_text(message: Mapping[str, object], index: int) -> str:
         texts = []
         for part in content:
             if not isinstance(part, Mapping) or part.get("type") != "text":
-                raise ValueError(f"message {index}: only text content parts are supported")
+                raise InvalidMessages(f"message {index}: only text content parts are supported")
             text = part.get("text")
             if not isinstance(text, str):
-                raise ValueError(f"message {index}: a text part has no text")
+                raise InvalidMessages(f"message {index}: a text part has no text")
             texts.append(text.strip())  # Gemma 3's template trims each part
         return "".join(texts)
-    raise ValueError(f"message {index}: content must be a string")
+    raise InvalidMessages(f"message {index}: content must be a string")
 
 
 def normalize(messages: Iterable[Mapping[str, object]]) -> tuple[str | None, list[tuple[str, str]]]:
     """Check the role rules; return (system text or None, [(role, content), ...]).
 
-    Raises ``ValueError`` when roles are unknown or do not alternate user/assistant after an
-    optional leading system message.
+    Raises :class:`InvalidMessages` when roles are unknown or do not alternate user/assistant
+    after an optional leading system message.
     """
     items = list(messages)
     system: str | None = None
     turns: list[tuple[str, str]] = []
     for i, message in enumerate(items):
         if not isinstance(message, Mapping):
-            raise ValueError(f"message {i} is not a mapping with 'role' and 'content'")
+            raise InvalidMessages(f"message {i} is not a mapping with 'role' and 'content'")
         role = message.get("role")
         if role not in ROLES:
-            raise ValueError(f"message {i}: unknown role {role!r} (use system, user or assistant)")
+            raise InvalidMessages(
+                f"message {i}: unknown role {role!r} (use system, user or assistant)")
         content = content_text(message, i)
         if role == "system":
             if i != 0:
-                raise ValueError(f"message {i}: a system message may only come first")
+                raise InvalidMessages(f"message {i}: a system message may only come first")
             system = content
             continue
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
-            raise ValueError(
+            raise InvalidMessages(
                 f"message {i}: roles must alternate user/assistant after an optional system "
                 f"message (expected {expected}, got {role})"
             )
@@ -81,29 +85,50 @@ def normalize(messages: Iterable[Mapping[str, object]]) -> tuple[str | None, lis
     return system, turns
 
 
-def render(messages: Iterable[Mapping[str, object]], add_generation_prompt: bool = True) -> str:
-    """Render a conversation in Gemma's chat format (see the module docstring)."""
+class Marker(str):
+    """A control token's text (``<bos>``, ``<start_of_turn>``, ...), as opposed to plain text."""
+
+
+Part = str  # plain text, or a Marker
+
+#: Gemma's control tokens, as the parts that spell them.
+BOS_PART, SOT, EOT = Marker(BOS), Marker(START_OF_TURN), Marker(END_OF_TURN)
+
+
+def parts(messages: Iterable[Mapping[str, object]],
+          add_generation_prompt: bool = True) -> list[Part]:
+    """The conversation in Gemma's chat format, as markers and plain text."""
     system, turns = normalize(messages)
     if not turns:
-        raise ValueError("the conversation has no user message")
+        raise InvalidMessages("the conversation has no user message")
     if add_generation_prompt and turns[-1][0] != "user":
-        raise ValueError("the last message must be from the user to generate a reply")
-    parts = [BOS]
+        raise InvalidMessages("the last message must be from the user to generate a reply")
+    out: list[Part] = [BOS_PART]
     for i, (role, content) in enumerate(turns):
         text = content.strip()
         if i == 0 and system is not None:
             text = system + "\n\n" + text
-        parts.append(render_turn(role, text))
+        out += turn_parts(role, text)
     if add_generation_prompt:
-        parts.append(generation_prompt())
-    return "".join(parts)
+        out += generation_parts()
+    return out
 
 
-def render_turn(role: str, text: str) -> str:
+def render(messages: Iterable[Mapping[str, object]], add_generation_prompt: bool = True) -> str:
+    """Render a conversation in Gemma's chat format (see the module docstring)."""
+    return "".join(parts(messages, add_generation_prompt))
+
+
+def turn_parts(role: str, text: str) -> list[Part]:
     """One finished turn: ``<start_of_turn>{user|model}\\n{text}<end_of_turn>\\n`` (text as is)."""
-    return f"{START_OF_TURN}{'model' if role == 'assistant' else role}\n{text}{END_OF_TURN}\n"
+    return [SOT, f"{'model' if role == 'assistant' else role}\n{text}", *closing_parts()]
 
 
-def generation_prompt() -> str:
+def closing_parts() -> list[Part]:
+    """What ends a turn: ``<end_of_turn>\\n``."""
+    return [EOT, "\n"]
+
+
+def generation_parts() -> list[Part]:
     """What opens the model's turn: ``<start_of_turn>model\\n``."""
-    return f"{START_OF_TURN}model\n"
+    return [SOT, "model\n"]

@@ -22,6 +22,20 @@ os.environ.pop("GEMMA_DEBUG", None)
 GEMMA = Path(sys.executable).with_name("gemma")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weight_repacking_checked():
+    """Decide llama.cpp's weight repacking for this machine once, up front (the session's
+    GEMMA_HOME then holds the record): later `gemma` subprocesses start from the record, as on
+    any machine after the first run, and this process loads models safely. The first-run note
+    itself is tested in test_repack with a GEMMA_HOME of its own."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from gemma_chat.backends import repack
+
+        repack.prepare()
+
+
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
     """The real Gemma 3 270M Q4_K_M GGUF (the demo extra), unpacked into the session's store."""

@@ -8,6 +8,8 @@ import math
 import pytest
 from conftest import run_gemma
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
 
 @pytest.fixture(scope="module")
 def bench_json(gguf_path):

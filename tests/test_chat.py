@@ -11,6 +11,9 @@ from gemma_chat.chat import Conversation
 from gemma_chat.errors import ContextOverflow
 from gemma_chat.resolve import resolve
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
@@ -37,10 +40,10 @@ def test_token_history_spells_the_rendered_template(backend):
     replies = [reply(convo, "Hi there"), reply(convo, "How are you?")]
     expected = (
         template.BOS
-        + template.render_turn("user", "Be brief.\n\nHi there")
-        + template.render_turn("assistant", replies[0])
-        + template.render_turn("user", "How are you?")
-        + template.render_turn("assistant", replies[1])
+        + "".join(template.turn_parts("user", "Be brief.\n\nHi there"))
+        + "".join(template.turn_parts("assistant", replies[0]))
+        + "".join(template.turn_parts("user", "How are you?"))
+        + "".join(template.turn_parts("assistant", replies[1]))
     )
     assert backend.detokenize(convo.ids, special=True) == expected
     # ... which is the official rendering, up to the whitespace the template strips.

@@ -8,7 +8,11 @@ import re
 import time
 
 import pexpect
+import pytest
 from conftest import GEMMA, run_gemma
+
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]|\x1b[=>]|\r")
 

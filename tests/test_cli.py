@@ -13,7 +13,9 @@ import pytest
 from conftest import GEMMA, run_gemma
 from test_resolve import write_tiny_gguf
 
-from gemma_chat.run import compose
+from gemma_chat.generate import compose
+
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
 
 
 def assert_clean_error(result, needle: str, code: int | None = None):

@@ -19,6 +19,8 @@ from gemma_chat import convert as conv  # noqa: E402
 from gemma_chat.errors import GemmaChatError  # noqa: E402
 from gemma_chat.hub import NotEnoughSpace  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from conftest import run_gemma  # noqa: E402

@@ -18,12 +18,16 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from conftest import run_gemma  # noqa: E402
 from tiny_models import DATA, SLIDING_WINDOW, build_checkpoint, reference_logits  # noqa: E402
 
 from gemma_chat.convert.check import llama_cpp_logits, mlx_logits  # noqa: E402
+from gemma_chat.loader import LoadOptions  # noqa: E402
 
 ARCHES = ["gemma", "gemma2", "gemma3_text"]
 N_POSITIONS = 128  # four sliding windows
@@ -169,7 +173,7 @@ def test_greedy_continuation_is_identical(tiny):
     except ImportError:
         pass
     for backend_name, path in targets:
-        backend = load_backend(resolve(str(path)), backend_name, n_ctx=256)
+        backend = load_backend(resolve(str(path)), backend_name, LoadOptions(n_ctx=256))
         try:
             chunks = list(backend.stream(prompt, SamplingParams(temperature=0, max_tokens=n),
                                          ignore_eos=True))

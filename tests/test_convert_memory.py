@@ -17,6 +17,9 @@ pytest.importorskip("llama_cpp")
 
 from tiny_models import train_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 SHAPE = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, head_dim=256)
 LARGEST_F32 = 256000 * 2304 * 4

@@ -16,6 +16,9 @@ from conftest import assert_third_turn_reuses_cache, run_gemma  # noqa: E402
 from gemma_chat import store  # noqa: E402
 from gemma_chat.convert.check import agreement, llama_cpp_logits, mlx_logits  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 TEXTS = [
     "Hello, world!", "   leading and   inner   spaces  ", "tabs\tand\ttabs\t\t", "new\nlines\n\n\n",
     "def f(x):\n    return x * 2  # code\n", "日本語のテキストと中文文本",

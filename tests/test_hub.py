@@ -16,6 +16,9 @@ from gemma_chat.resolve import resolve
 REPO, FILE = "bartowski/gemma-2-2b-it-GGUF", "gemma-2-2b-it-Q4_K_M.gguf"
 
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 @pytest.fixture()
 def online(tmp_path, monkeypatch):
     """huggingface_hub pointed at an empty cache and allowed online (the session is offline)."""

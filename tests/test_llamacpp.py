@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from gemma_chat import run as runmod
+from gemma_chat import generate as gen
 from gemma_chat.backends.base import SamplingParams
+from gemma_chat.backends.base import common_prefix as lcp
 from gemma_chat.backends.llamacpp import IncrementalDetokenizer, LlamaCppBackend
 from gemma_chat.errors import ContextOverflow, InvalidArgument
 from gemma_chat.resolve import resolve
 from gemma_chat.template import render
+
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 BOS, SOT, EOT, NL = 2, 105, 106, 107
@@ -20,15 +26,6 @@ def collect(backend, prompt, sampling=GREEDY, **kw):
     stats = chunks[-1].stats
     assert stats is not None and all(c.stats is None for c in chunks[:-1])
     return "".join(c.text for c in chunks), stats, chunks
-
-
-def lcp(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def test_model_info(backend):
@@ -52,15 +49,15 @@ def test_chat_prompt_has_one_bos_and_single_special_ids(backend):
 
 
 def test_raw_prompt_gets_exactly_one_bos(backend):
-    assert runmod.prompt_ids(backend, "Water boils at", chat=False)[:2] != [BOS, BOS]
-    assert runmod.prompt_ids(backend, "Water boils at", chat=False).count(BOS) == 1
-    assert runmod.prompt_ids(backend, "<bos>Water boils at", chat=False).count(BOS) == 1
-    chat = runmod.prompt_ids(backend, "Hi", chat=True, system="Be brief.")
+    assert gen.prompt_ids(backend, "Water boils at", chat=False)[:2] != [BOS, BOS]
+    assert gen.prompt_ids(backend, "Water boils at", chat=False).count(BOS) == 1
+    assert gen.prompt_ids(backend, "<bos>Water boils at", chat=False).count(BOS) == 1
+    chat = gen.prompt_ids(backend, "Hi", chat=True, system="Be brief.")
     assert chat.count(BOS) == 1 and chat[0] == BOS
 
 
 def test_greedy_is_deterministic_and_streams_join(backend):
-    ids = runmod.prompt_ids(backend, "The capital of France is", chat=False)
+    ids = gen.prompt_ids(backend, "The capital of France is", chat=False)
     backend.trim_cache(0)
     text1, stats1, chunks = collect(backend, ids)
     backend.trim_cache(0)
@@ -75,7 +72,7 @@ def test_greedy_is_deterministic_and_streams_join(backend):
 
 
 def test_greedy_fast_path_matches_llama_cpp_greedy_sampler(backend):
-    ids = runmod.prompt_ids(backend, "The history of the bicycle", chat=False)
+    ids = gen.prompt_ids(backend, "The history of the bicycle", chat=False)
     sp = SamplingParams(temperature=0, max_tokens=24)
     backend.trim_cache(0)
     fast = collect(backend, ids, sp)[1]
@@ -98,7 +95,7 @@ def test_forced_end_of_turn_stops_and_is_not_printed(backend):
 
 
 def test_kv_cache_reuse_evaluates_only_new_tokens(backend):
-    p1 = runmod.prompt_ids(backend, "Water boils at", chat=False)
+    p1 = gen.prompt_ids(backend, "Water boils at", chat=False)
     _, s1, _ = collect(backend, p1, SamplingParams(temperature=0, max_tokens=6))
     cached = backend.cached_tokens
     p2 = p1 + s1.token_ids + backend.tokenize(" Also, ice melts at")
@@ -134,14 +131,19 @@ def test_multibyte_characters_split_across_tokens(backend):
 
 
 def test_cancel_stops_after_the_current_token(backend):
-    ids = runmod.prompt_ids(backend, "Once upon a time", chat=False)
-    stream = backend.stream(ids, SamplingParams(temperature=0, max_tokens=200))
+    ids = gen.prompt_ids(backend, "Once upon a time", chat=False)
+    cancel = threading.Event()
+    stream = backend.stream(ids, SamplingParams(temperature=0, max_tokens=200), cancel=cancel)
     first = next(stream)
     assert first.text
-    backend.cancel()
+    cancel.set()
     rest = list(stream)
     assert rest[-1].stats.stop_reason == "cancelled"
+    assert rest[-1].finish_reason == "cancelled"
     assert rest[-1].stats.generated_tokens <= 3
+    # The switch belongs to that generation: the next one runs to its end.
+    _, stats, _ = collect(backend, ids, SamplingParams(temperature=0, max_tokens=5))
+    assert stats.stop_reason == "length" and stats.generated_tokens == 5
 
 
 def test_context_overflow_and_context_full(backend, gguf_path):
@@ -157,7 +159,7 @@ def test_context_overflow_and_context_full(backend, gguf_path):
 
 
 def test_seeded_sampling_is_reproducible(backend):
-    ids = runmod.prompt_ids(backend, "My favourite animal is", chat=False)
+    ids = gen.prompt_ids(backend, "My favourite animal is", chat=False)
     sp = SamplingParams(temperature=1.0, seed=1234, max_tokens=16)
 
     def fresh(sampling):  # from an empty cache, as a new `gemma run --seed` process starts
@@ -172,7 +174,7 @@ def test_seeded_sampling_is_reproducible(backend):
 
 
 def test_repeat_penalty_changes_greedy_output(backend):
-    ids = runmod.prompt_ids(backend, "The capital of France is", chat=False)
+    ids = gen.prompt_ids(backend, "The capital of France is", chat=False)
     plain = collect(backend, ids, SamplingParams(temperature=0, max_tokens=30))[1]
     penalized = collect(backend, ids, SamplingParams(temperature=0, max_tokens=30,
                                                      repeat_penalty=1.5))[1]
@@ -181,7 +183,7 @@ def test_repeat_penalty_changes_greedy_output(backend):
 
 
 def test_kv_state_save_and_load(backend, tmp_path):
-    ids = runmod.prompt_ids(backend, "Water boils at", chat=False)
+    ids = gen.prompt_ids(backend, "Water boils at", chat=False)
     _, s1, _ = collect(backend, ids, SamplingParams(temperature=0, max_tokens=4))
     saved = backend.cached_tokens
     backend.save_state(tmp_path / "kv.bin")

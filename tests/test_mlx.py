@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
@@ -254,7 +257,7 @@ def test_newer_config_form_is_read_like_the_older_one(tmp_path):
     rope_local_base_freq and sliding_window_pattern. Both forms must give the same model."""
     import shutil
 
-    from gemma_chat.backends.mlx import config_overrides
+    from gemma_chat.family import legacy_config_keys
 
     old = build_checkpoint(tmp_path / "old-form-it", "gemma3_text")
     config = json.loads((old / "config.json").read_text())
@@ -269,7 +272,7 @@ def test_newer_config_form_is_read_like_the_older_one(tmp_path):
                                                       "rope_type": "default"}}
     newer["layer_types"] = ["sliding_attention", "sliding_attention", "full_attention"] * 2
     (new / "config.json").write_text(json.dumps(newer))
-    assert config_overrides(newer) == {"rope_theta": 50000.0, "rope_local_base_freq": 5000.0,
+    assert legacy_config_keys(newer) == {"rope_theta": 50000.0, "rope_local_base_freq": 5000.0,
                                        "sliding_window_pattern": 3}
     ids = [2] + list(range(10, 60))
     outputs = []

@@ -143,13 +143,14 @@ def test_environment_and_setting_force_either_way(tmp_path, monkeypatch):
 
 def test_bench_worker_killed_by_a_signal_is_reported_as_such():
     with pytest.raises(BackendError) as err:
-        bench.measure({"model": "gemma-3-270m"}, command=SIGILL_CHILD)
+        bench.measure(bench.BenchSpec("gemma-3-270m"), command=SIGILL_CHILD)
     text = str(err.value)
     assert text.startswith("benchmarking gemma-3-270m failed: the worker process crashed "
                            "with SIGILL (illegal instruction)")
     assert "GEMMA_REPACK=off" in text
 
 
+@pytest.mark.slow
 def test_bad_settings_are_one_line_errors(tmp_path):
     result = run_gemma("config", "set", "repack", "sometimes")
     assert result.returncode == 2 and result.stderr.startswith("error: repack must be one of")

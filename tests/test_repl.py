@@ -20,6 +20,9 @@ from gemma_chat.errors import ModelNotFound
 from gemma_chat.repl import ChatApp, MarkdownRenderer, PlainRenderer, join_multiline, terminal_lines
 from gemma_chat.resolve import resolve
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 GREEDY = SamplingParams(temperature=0, max_tokens=6)
 
 

@@ -15,6 +15,8 @@ from gemma_chat.errors import InvalidModelFile, ModelNotFound, UnsupportedArchit
 from gemma_chat.gguf_file import check_gemma, read_gguf
 from gemma_chat.resolve import resolve
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
 
 def write_tiny_gguf(path: Path, arch: str = "llama") -> Path:
     """A small but valid GGUF of the given architecture, written with gguf's GGUFWriter."""

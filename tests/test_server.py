@@ -19,6 +19,9 @@ from gemma_chat.resolve import resolve
 from gemma_chat.server import StopStrings, create_app
 from gemma_chat.template import render
 
+pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
+
+
 KEY = "test-key-123"
 
 

@@ -8,6 +8,7 @@ import pytest
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from gemma_chat.errors import InvalidMessages
 from gemma_chat.template import render
 
 DATA = Path(__file__).parent / "data"
@@ -112,5 +113,5 @@ def test_text_content_parts_match_gemma3_template():
     ],
 )
 def test_role_rules_raise_value_error(messages, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(InvalidMessages, match=needle):
         render(messages)

@@ -12,7 +12,7 @@ import platform
 import sys
 from dataclasses import dataclass
 
-from ..errors import InvalidArgument, InvalidModelFile, MissingDependency, missing_extra
+from ..errors import InvalidArgument, InvalidModelFile, missing_extra
 from .base import Backend, Chunk, ModelInfo, SamplingParams, Stats
 
 __all__ = ["Backend", "Chunk", "ModelInfo", "SamplingParams", "Stats", "BACKENDS", "load_backend",
@@ -40,10 +40,6 @@ CHOICES = ("auto", *BACKENDS)
 _ALIASES = {"llamacpp": "llama.cpp", "llama": "llama.cpp", "llama-cpp": "llama.cpp"}
 
 
-def _implemented(entry: BackendEntry) -> bool:
-    return importlib.util.find_spec(entry.module) is not None
-
-
 def _installed(entry: BackendEntry) -> bool:
     return importlib.util.find_spec(entry.library) is not None
 
@@ -67,8 +63,6 @@ def ensure_available(requested: str) -> None:
     entry = BACKENDS[name]
     if not _installed(entry):
         raise missing_extra(entry.package, entry.extra)
-    if not _implemented(entry):
-        raise MissingDependency(f"the {entry.name} backend is not part of this gemma-chat version")
 
 
 def formats_for(requested: str) -> tuple[str, ...]:
@@ -77,7 +71,7 @@ def formats_for(requested: str) -> tuple[str, ...]:
     if name != "auto":
         return (BACKENDS[name].format,)
     mlx = BACKENDS["mlx"]
-    if is_apple_silicon() and _implemented(mlx) and _installed(mlx):
+    if is_apple_silicon() and _installed(mlx):
         return ("mlx", "gguf")
     return ("gguf",)
 
@@ -101,11 +95,9 @@ def choose(requested: str, fmt: str) -> BackendEntry:
     return entry
 
 
-def load_backend(resolved, requested: str = "auto", **options) -> Backend:
-    """Load ``resolved`` (a :class:`~gemma_chat.resolve.ResolvedModel`) in the right backend.
-
-    ``options`` go to the backend: ``n_ctx``, ``threads``, ``verbose``, ...
-    """
+def load_backend(resolved, requested: str = "auto", options=None) -> Backend:
+    """Load ``resolved`` (a :class:`~gemma_chat.resolve.ResolvedModel`) in the right backend,
+    with :class:`~gemma_chat.loader.LoadOptions` (context, threads, GPU layers, verbose)."""
     entry = choose(requested, resolved.format)
     module = importlib.import_module(entry.module)
-    return getattr(module, entry.cls)(resolved, **options)
+    return getattr(module, entry.cls)(resolved, **(options.kwargs() if options else {}))

@@ -1,6 +1,6 @@
 """The backend interface every inference engine implements, and the records it streams.
 
-    backend = load_backend(resolved, ctx=4096)
+    backend = load_backend(resolved, "auto", LoadOptions(n_ctx=4096))
     for chunk in backend.stream(prompt, SamplingParams(temperature=0)):
         print(chunk.text, end="")
         if chunk.stats:
@@ -13,18 +13,25 @@ benchmarks) consumes :meth:`Backend.stream`. The last chunk carries the :class:`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
-from ..errors import InvalidArgument
+from ..errors import ContextOverflow, InvalidArgument
 
 #: Gemma's recommended sampling, used when a model ships no generation config of its own.
 #: (llama.cpp and mlx-lm have other defaults of their own; we never inherit them silently.)
 GEMMA_DEFAULTS = {"temperature": 1.0, "top_k": 64, "top_p": 0.95, "min_p": 0.0}
 
-STOP_REASONS = ("stop", "length", "cancelled", "context")
+#: Why a generation ended (``Stats.stop_reason``), and what OpenAI's API calls it.
+FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length",
+                  "cancelled": "cancelled"}
+
+#: The context allocated when none is asked for: a Gemma 3 model's 128k context would take
+#: many GB of KV cache.
+DEFAULT_MAX_CTX = 8192
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class Stats:
     ttft_s: float = 0.0  # from the call to the first generated token
     prefill_s: float = 0.0
     decode_s: float = 0.0  # from the first token to the last
-    stop_reason: str = "stop"  # one of STOP_REASONS
+    stop_reason: str = "stop"  # a key of FINISH_REASONS
     stop_token: int | None = None  # the id that ended generation, when it was a stop token
     sampler: str = ""  # the sampler chain that ran, for the record
     cache_note: str = ""  # why the KV cache could not be re-used, when it could not
@@ -129,6 +136,27 @@ class Chunk:
     token_ids: tuple[int, ...] = ()
     stats: Stats | None = None
 
+    @property
+    def finish_reason(self) -> str | None:
+        """On the last chunk, why generation ended in OpenAI's terms; else None."""
+        return FINISH_REASONS[self.stats.stop_reason] if self.stats is not None else None
+
+
+def collect(chunks: Iterable[Chunk], write=None) -> tuple[str, Stats]:
+    """Consume a stream: the whole text and the final stats (``write`` sees each piece)."""
+    pieces: list[str] = []
+    stats = None
+    for chunk in chunks:
+        if chunk.text:
+            pieces.append(chunk.text)
+            if write is not None:
+                write(chunk.text)
+        if chunk.stats is not None:
+            stats = chunk.stats
+    if stats is None:
+        raise RuntimeError("a backend stream must end with a stats chunk")
+    return "".join(pieces), stats
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -163,7 +191,6 @@ class ModelInfo:
 Prompt = str | Sequence[int]
 
 
-@runtime_checkable
 class Backend(Protocol):
     """An inference engine with one model loaded and a KV cache it keeps between calls."""
 
@@ -187,16 +214,15 @@ class Backend(Protocol):
         ignore_eos: bool = False,
         logit_bias: Mapping[int, float] | None = None,
         stop_ids: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[Chunk]:
         """Generate from ``prompt`` (text is tokenized with special tokens; ids are used as is).
 
         Re-uses the KV cache for the longest common prefix with the previous call's tokens.
         Stops at ``<end_of_turn>`` or EOS (neither is yielded as text) unless ``ignore_eos``;
-        ``stop_ids`` adds more. The final chunk carries :class:`Stats`.
+        ``stop_ids`` adds more. Setting ``cancel`` (from any thread) stops this generation, and
+        only this one, after the current token. The final chunk carries :class:`Stats`.
         """
-
-    def cancel(self) -> None:
-        """Ask a running :meth:`stream` to stop after the current token (thread-safe)."""
 
     @property
     def cached_tokens(self) -> list[int]:
@@ -220,3 +246,83 @@ def apply_model_defaults(base: SamplingParams, defaults: Mapping[str, float]) ->
     """The model's own generation config wins over Gemma's recommended defaults."""
     known = {k: v for k, v in defaults.items() if k in {"temperature", "top_k", "top_p", "min_p"}}
     return replace(base, **known) if known else base
+
+
+# -- what both backends share ------------------------------------------------------------------
+
+class BackendBase:
+    """The parts of a backend that do not depend on its engine."""
+
+    info: ModelInfo
+
+    def close(self) -> None:  # pragma: no cover - each backend frees its own
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def context_size(requested: int | None, n_ctx_train: int, engine: str) -> int:
+    """The context to allocate: ``requested``, else the model's up to DEFAULT_MAX_CTX."""
+    n_ctx = min(n_ctx_train, DEFAULT_MAX_CTX) if requested is None else requested
+    if n_ctx < 16:
+        raise InvalidArgument(f"invalid context size {n_ctx}: must be at least 16")
+    if n_ctx > n_ctx_train:
+        raise InvalidArgument(f"--ctx {n_ctx} is more than the model's context length "
+                              f"({n_ctx_train}) on {engine}")
+    return n_ctx
+
+
+def checked_prompt(backend: Backend, prompt: Prompt) -> list[int]:
+    """The prompt as token ids, refused when empty, too long or outside the vocabulary."""
+    ids = backend.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    info = backend.info
+    if not ids:
+        raise InvalidArgument("the prompt is empty")
+    if len(ids) >= info.n_ctx:
+        raise ContextOverflow(
+            f"the prompt is {len(ids)} tokens and the context holds {info.n_ctx}; "
+            f"shorten it or raise --ctx (the model allows {info.n_ctx_train})")
+    bad = [t for t in ids if not 0 <= t < info.n_vocab]
+    if bad:
+        raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary")
+    return ids
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def stop_set(ends: Iterable[int], extra: Sequence[int] | None, ignore_eos: bool) -> set[int]:
+    """The ids that end a generation: the model's end ids unless ``ignore_eos``, plus extras."""
+    stops = set(extra or ())
+    if not ignore_eos:
+        stops |= {t for t in ends if t is not None}
+    return stops
+
+
+def describe_sampler(sp: SamplingParams, logit_bias: Mapping[int, float] | None = None) -> str:
+    """The sampler chain in llama.cpp's order, as the stats record it."""
+    names = ["logit_bias"] if logit_bias else []
+    if sp.repeat_penalty != 1.0 and sp.repeat_last_n:
+        names.append(f"repeat_penalty={sp.repeat_penalty}/{sp.repeat_last_n}")
+    if sp.greedy:
+        return " > ".join([*names, "greedy"])
+    if sp.top_k > 0:
+        names.append(f"top_k={sp.top_k}")
+    if sp.top_p < 1.0:
+        names.append(f"top_p={sp.top_p}")
+    if sp.min_p > 0.0:
+        names.append(f"min_p={sp.min_p}")
+    names += [f"temp={sp.temperature}",
+              f"dist(seed={'random' if sp.seed is None else sp.seed})"]
+    return " > ".join(names)

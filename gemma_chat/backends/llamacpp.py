@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError, ContextOverflow, InvalidArgument, missing_extra
+from ..errors import BackendError, InvalidArgument, missing_extra
 from ..gguf_file import check_gemma, read_gguf
 from ..template import END_OF_TURN
-from . import repack
-from .base import Chunk, ModelInfo, Prompt, SamplingParams, Stats
+from . import base, repack
+from .base import BackendBase, Chunk, ModelInfo, Prompt, SamplingParams, Stats
 
-DEFAULT_MAX_CTX = 8192  # a Gemma 3 model's 128k context would allocate many GB of KV cache
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
 _SAVED_PROMPTS = 8  # prompts whose final logits are kept for an exact re-run
 
@@ -79,7 +78,7 @@ class IncrementalDetokenizer:
         return self._decoder.decode(b"", final=True)
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(BackendBase):
     """A GGUF model loaded in llama.cpp, with one sequence whose KV cache persists."""
 
     name = "llama.cpp"
@@ -101,15 +100,8 @@ class LlamaCppBackend:
         self.resolved = resolved
         path = Path(resolved.path)
         gguf = check_gemma(read_gguf(path))  # refuse bad files before llama.cpp can abort
-        n_ctx_train = gguf.context_length or DEFAULT_MAX_CTX
-        if n_ctx is None:
-            n_ctx = min(n_ctx_train, DEFAULT_MAX_CTX)
-        if n_ctx < 16:
-            raise InvalidArgument(f"invalid context size {n_ctx}: must be at least 16")
-        if n_ctx > n_ctx_train:
-            raise InvalidArgument(
-                f"--ctx {n_ctx} is more than the model's context length ({n_ctx_train})"
-            )
+        n_ctx_train = gguf.context_length or base.DEFAULT_MAX_CTX
+        n_ctx = base.context_size(n_ctx, n_ctx_train, "llama.cpp")
         if threads is not None and threads < 1:
             raise InvalidArgument(f"invalid thread count {threads}: must be >= 1")
         threads = threads or default_threads()
@@ -146,7 +138,6 @@ class LlamaCppBackend:
         window = gguf.get("attention.sliding_window")
         self._n_swa = int(window) if isinstance(window, int) and not swa_full else 0
         self._n_vocab = model.n_vocab()
-        self._cancel = threading.Event()
         self._pieces: dict[int, bytes] = {}
         # The logits at the end of the last few evaluated prompts, by length (1 MB each with
         # Gemma's vocabulary): a prompt that is wholly in the cache again (/retry after /undo,
@@ -265,9 +256,6 @@ class LlamaCppBackend:
 
     # -- generation -------------------------------------------------------------------------
 
-    def cancel(self) -> None:
-        self._cancel.set()
-
     def _logits_view(self) -> np.ndarray:
         """The logits of the last evaluated position, in llama.cpp's own buffer."""
         pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
@@ -286,36 +274,28 @@ class LlamaCppBackend:
         return sample
 
     def _sampler(self, sp: SamplingParams, logit_bias, history: Sequence[int]):
+        """llama.cpp's sampler chain for ``sp`` (None for the greedy fast path)."""
         if sp.greedy and not logit_bias and sp.repeat_penalty == 1.0:
-            return None, "greedy"
+            return None
         chain = _internals.LlamaSampler()
-        names = []
         if logit_bias:
             chain.add_logit_bias(self._n_vocab, dict(logit_bias))
-            names.append("logit_bias")
         if sp.repeat_penalty != 1.0 and sp.repeat_last_n:
             chain.add_penalties(self._n_vocab, sp.repeat_last_n, sp.repeat_penalty, 0.0, 0.0)
-            names.append(f"repeat_penalty={sp.repeat_penalty}/{sp.repeat_last_n}")
             for token in history[-sp.repeat_last_n:]:
                 chain.accept(token)  # the penalty window covers the prompt too
         if sp.greedy:
             chain.add_greedy()
-            names.append("greedy")
         else:
             if sp.top_k > 0:
                 chain.add_top_k(sp.top_k)
-                names.append(f"top_k={sp.top_k}")
             if sp.top_p < 1.0:
                 chain.add_top_p(sp.top_p, 1)
-                names.append(f"top_p={sp.top_p}")
             if sp.min_p > 0.0:
                 chain.add_min_p(sp.min_p, 1)
-                names.append(f"min_p={sp.min_p}")
             chain.add_temp(sp.temperature)
             chain.add_dist(_RANDOM_SEED if sp.seed is None else sp.seed)
-            names.append(f"temp={sp.temperature}")
-            names.append(f"dist(seed={'random' if sp.seed is None else sp.seed})")
-        return chain, " > ".join(names)
+        return chain
 
     def stream(
         self,
@@ -325,39 +305,20 @@ class LlamaCppBackend:
         ignore_eos: bool = False,
         logit_bias: Mapping[int, float] | None = None,
         stop_ids: Sequence[int] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[Chunk]:
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        n_ctx = self._n_ctx
-        if not ids:
-            raise InvalidArgument("the prompt is empty")
-        if len(ids) >= n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {len(ids)} tokens and the context holds {n_ctx}; "
-                f"shorten it or raise --ctx (the model allows {self.info.n_ctx_train})"
-            )
-        bad = [t for t in ids if not 0 <= t < self._n_vocab]
-        if bad:
-            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary")
-        return self._generate(ids, sampling, ignore_eos, logit_bias, stop_ids)
+        ids = base.checked_prompt(self, prompt)
+        stops = base.stop_set((self._eos, self._eot), stop_ids, ignore_eos)
+        return self._generate(ids, sampling, stops, logit_bias, cancel or threading.Event())
 
-    def _generate(self, ids, sp, ignore_eos, logit_bias, stop_ids) -> Iterator[Chunk]:
+    def _generate(self, ids, sp, stops, logit_bias, cancel) -> Iterator[Chunk]:
         llm = self._llm
-        self._cancel.clear()
-        stops = set(stop_ids or ())
-        if not ignore_eos:
-            stops.add(self._eos)
-            if self._eot is not None:
-                stops.add(self._eot)
         t_start = time.perf_counter()
 
         # KV reuse: keep the longest common prefix with what the cache holds, and evaluate the
-        # rest. At least one token is evaluated, to have fresh logits to sample from.
-        cached = llm._input_ids
-        lcp = 0
-        for a, b in zip(cached.tolist(), ids):
-            if a != b:
-                break
-            lcp += 1
+        # rest. At least one token is evaluated, to have fresh logits to sample from, unless
+        # the logits at the end of this very prompt were kept.
+        lcp = base.common_prefix(llm._input_ids.tolist(), ids)
         saved = self._prompt_logits.get(len(ids)) if lcp >= len(ids) else None
         if saved is not None:
             self.trim_cache(len(ids))
@@ -368,7 +329,8 @@ class LlamaCppBackend:
             reused = llm.n_tokens
         stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
                       cache_note=note)
-        chain, stats.sampler = self._sampler(sp, logit_bias, ids)
+        chain = self._sampler(sp, logit_bias, ids)
+        stats.sampler = base.describe_sampler(sp, logit_bias)
 
         if reused < len(ids):
             llm.eval(ids[reused:])
@@ -385,7 +347,7 @@ class LlamaCppBackend:
         push = detok.push
         try:
             while True:
-                if self._cancel.is_set():
+                if cancel.is_set():
                     stats.stop_reason = "cancelled"
                     break
                 if llm.n_tokens >= n_ctx:  # prompt + reply always fit in the context
@@ -420,8 +382,3 @@ class LlamaCppBackend:
             llm.close()
             self._llm = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

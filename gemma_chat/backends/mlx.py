@@ -21,13 +21,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from ..errors import BackendError, ContextOverflow, InvalidArgument, missing_extra
+from ..errors import BackendError, missing_extra
+from ..family import architecture_of, legacy_config_keys
 from ..template import END_OF_TURN
-from .base import Chunk, ModelInfo, Prompt, SamplingParams, Stats
-
-DEFAULT_MAX_CTX = 8192
-ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
-                 "gemma3_text": "gemma3"}
+from . import base
+from .base import BackendBase, Chunk, ModelInfo, Prompt, SamplingParams, Stats
 
 try:
     import mlx.core as mx
@@ -38,28 +36,6 @@ try:
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 except ImportError:  # pragma: no cover - exercised where the extra is missing
     mx = None
-
-
-def config_overrides(config: dict) -> dict:
-    """The newer Hugging Face config form (transformers 5: ``rope_parameters``,
-    ``layer_types``) in the older keys mlx-lm's Gemma models read (``rope_theta``,
-    ``rope_local_base_freq``, ``sliding_window_pattern``). Without this, mlx-lm would silently
-    fall back to its defaults."""
-    out: dict = {}
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict):
-        full = rope.get("full_attention", rope)
-        sliding = rope.get("sliding_attention", {})
-        if isinstance(full, dict) and "rope_theta" in full and "rope_theta" not in config:
-            out["rope_theta"] = full["rope_theta"]
-        if isinstance(sliding, dict) and "rope_theta" in sliding \
-                and "rope_local_base_freq" not in config:
-            out["rope_local_base_freq"] = sliding["rope_theta"]
-    layer_types = config.get("layer_types")
-    if isinstance(layer_types, list) and "full_attention" in layer_types \
-            and "sliding_window_pattern" not in config:
-        out["sliding_window_pattern"] = layer_types.index("full_attention") + 1
-    return out
 
 
 class _SlidingWindowGemma2:
@@ -104,7 +80,7 @@ def _generation_config(path: Path) -> dict[str, float]:
             if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
 
 
-class MLXBackend:
+class MLXBackend(BackendBase):
     """An mlx-lm model with one prompt cache that persists between calls."""
 
     name = "mlx"
@@ -118,21 +94,15 @@ class MLXBackend:
             config = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot read {path / 'config.json'}: {exc}") from None
-        arch = ARCHITECTURES.get(config.get("model_type"))
+        arch = architecture_of(config.get("model_type"))
         if arch is None:
             raise BackendError(f"{path.name} is a {config.get('model_type')!r} model, not Gemma")
         text = config.get("text_config", config)
-        n_ctx_train = int(text.get("max_position_embeddings") or DEFAULT_MAX_CTX)
-        if n_ctx is None:
-            n_ctx = min(n_ctx_train, DEFAULT_MAX_CTX)
-        if n_ctx < 16:
-            raise InvalidArgument(f"invalid context size {n_ctx}: must be at least 16")
-        if n_ctx > n_ctx_train:
-            raise InvalidArgument(f"--ctx {n_ctx} is more than this model allows on MLX "
-                                  f"({n_ctx_train})")
+        n_ctx_train = int(text.get("max_position_embeddings") or base.DEFAULT_MAX_CTX)
+        n_ctx = base.context_size(n_ctx, n_ctx_train, "MLX")
         try:
             self._model, self._tok = mlx_load(str(path),
-                                              model_config=config_overrides(config) or None)
+                                              model_config=legacy_config_keys(config) or None)
         except Exception as exc:  # noqa: BLE001 - mlx-lm raises many kinds on a bad folder
             raise BackendError(f"mlx-lm could not load {path.name}: {exc}") from None
         if arch == "gemma2":
@@ -146,7 +116,6 @@ class MLXBackend:
         self._n_ctx = n_ctx
         self._cache = make_prompt_cache(self._model)
         self._cached: list[int] = []
-        self._cancel = threading.Event()
         tok = self._tok
         self._vocab_size = int(text.get("vocab_size") or len(tok.get_vocab()))
         eot = tok.convert_tokens_to_ids(END_OF_TURN)
@@ -223,37 +192,17 @@ class MLXBackend:
 
     # -- generation -------------------------------------------------------------------------
 
-    def cancel(self) -> None:
-        self._cancel.set()
-
     def stream(self, prompt: Prompt, sampling: SamplingParams, *, ignore_eos: bool = False,
                logit_bias: Mapping[int, float] | None = None,
-               stop_ids: Sequence[int] | None = None) -> Iterator[Chunk]:
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise InvalidArgument("the prompt is empty")
-        if len(ids) >= self._n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {len(ids)} tokens and the context holds {self._n_ctx}; "
-                f"shorten it or raise --ctx (the model allows {self.info.n_ctx_train})")
-        bad = [t for t in ids if not 0 <= t < self._vocab_size]
-        if bad:
-            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary")
-        return self._generate(ids, sampling, ignore_eos, logit_bias, stop_ids)
+               stop_ids: Sequence[int] | None = None,
+               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        ids = base.checked_prompt(self, prompt)
+        stops = base.stop_set((*self._eos, self._eot), stop_ids, ignore_eos)
+        return self._generate(ids, sampling, stops, logit_bias, cancel or threading.Event())
 
-    def _generate(self, ids, sp, ignore_eos, logit_bias, stop_ids) -> Iterator[Chunk]:
-        self._cancel.clear()
-        stops = set(stop_ids or ())
-        if not ignore_eos:
-            stops |= self._eos
-            if self._eot is not None:
-                stops.add(self._eot)
+    def _generate(self, ids, sp, stops, logit_bias, cancel) -> Iterator[Chunk]:
         t_start = time.perf_counter()
-        lcp = 0
-        for a, b in zip(self._cached, ids):
-            if a != b:
-                break
-            lcp += 1
+        lcp = base.common_prefix(self._cached, ids)
         lcp = min(lcp, len(ids) - 1)  # at least one token to evaluate, for fresh logits
         note = self.trim_cache(lcp)
         reused = len(self._cached)
@@ -265,16 +214,7 @@ class MLXBackend:
             logit_bias=dict(logit_bias) if logit_bias else None,
             repetition_penalty=sp.repeat_penalty if sp.repeat_penalty != 1.0 else None,
             repetition_context_size=sp.repeat_last_n)
-        names = ["logit_bias"] if logit_bias else []
-        if sp.repeat_penalty != 1.0:
-            names.append(f"repeat_penalty={sp.repeat_penalty}/{sp.repeat_last_n}")
-        if sp.greedy:
-            names.append("greedy")
-        else:
-            names += [f"top_k={sp.top_k}" if sp.top_k else "", f"top_p={sp.top_p}"
-                      if sp.top_p < 1 else "", f"min_p={sp.min_p}" if sp.min_p else "",
-                      f"temp={sp.temperature}"]
-        stats.sampler = " > ".join(n for n in names if n)
+        stats.sampler = base.describe_sampler(sp, logit_bias)
         if sp.seed is not None:
             mx.random.seed(sp.seed)
         room = self._n_ctx - len(ids)
@@ -302,7 +242,7 @@ class MLXBackend:
                 text = detok.last_segment
                 if text:
                     yield Chunk(text, (token,))
-                if self._cancel.is_set():
+                if cancel.is_set():
                     stats.stop_reason = "cancelled"
                     break
                 if len(stats.token_ids) >= limit:
@@ -324,9 +264,4 @@ class MLXBackend:
         self._model = None
         self._cache = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 

@@ -95,10 +95,10 @@ def locate(arg: str) -> Source:
     disk. Raises :class:`ModelNotFound` when a catalogue model has neither (pull it first)."""
     from .. import catalog
     from ..hub import original_on_disk
-    from ..resolve import _looks_like_path, find_local
+    from ..resolve import find_local, looks_like_path
 
     text = arg.strip()
-    if _looks_like_path(text) or Path(text).expanduser().exists():
+    if looks_like_path(text) or Path(text).expanduser().exists():
         path = Path(text).expanduser()
         if not path.exists():
             raise InvalidModelFile(f"{path} does not exist")
@@ -115,11 +115,11 @@ def locate(arg: str) -> Source:
             return Source("gguf", ggufs[0], _name_from_gguf(ggufs[0]))
         raise InvalidModelFile(f"{path} has neither config.json nor a .gguf file")
     if catalog.load().get(text) is None:
-        from ..resolve import _stored
+        from ..resolve import stored
 
-        stored = _stored(text, "gguf", "f16") if "/" not in text else None
-        if stored is not None:  # a model converted into the store earlier
-            return Source("gguf", stored, text)
+        found = stored(text, "gguf", "f16") if "/" not in text else None
+        if found is not None:  # a model converted into the store earlier
+            return Source("gguf", found, text)
     spec = catalog.get(text)  # unknown names: a one-line error with suggestions
     original = original_on_disk(spec)
     if original is not None:
@@ -135,9 +135,9 @@ def locate(arg: str) -> Source:
 
 
 def _name_from_gguf(path: Path) -> str:
-    from ..resolve import _spec_for_file
+    from ..resolve import spec_for_file
 
-    spec = _spec_for_file(path)
+    spec = spec_for_file(path)
     if spec is not None:
         return spec.name
     stem = path.stem
@@ -260,16 +260,16 @@ def stage_for_mlx(folder: Path, staged: Path) -> Path:
     mlx-lm's Gemma models read (transformers 5 writes ``rope_parameters``/``layer_types``)."""
     import json
 
-    from ..backends.mlx import config_overrides
+    from ..family import legacy_config_keys
 
     staged.mkdir(parents=True)
     for item in folder.iterdir():
         if item.name != "config.json" and item.is_file():
             (staged / item.name).symlink_to(item.resolve())
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config.update(config_overrides(config))
+    config.update(legacy_config_keys(config))
     if isinstance(config.get("text_config"), dict):
-        config["text_config"].update(config_overrides(config["text_config"]))
+        config["text_config"].update(legacy_config_keys(config["text_config"]))
     (staged / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return staged
 

@@ -34,9 +34,11 @@ def mlx_logits(folder: Path, ids: list[int]) -> np.ndarray:
     import mlx.core as mx
 
     from ..backends import load_backend
+    from ..loader import LoadOptions
     from ..resolve import resolve
 
-    backend = load_backend(resolve(str(folder)), "mlx", n_ctx=max(256, len(ids) + 16))
+    options = LoadOptions(n_ctx=max(256, len(ids) + 16))
+    backend = load_backend(resolve(str(folder)), "mlx", options)
     try:
         return np.array(backend._model(mx.array(ids)[None]).astype(mx.float32)[0],
                         dtype=np.float64)

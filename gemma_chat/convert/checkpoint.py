@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidModelFile, UnsupportedArchitecture
+from ..family import MODEL_TYPES, legacy_config_keys
 
-#: config.json ``model_type`` -> llama.cpp architecture.
-ARCHES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 SUPPORTED = "gemma (Gemma 1), gemma2 (Gemma 2), gemma3_text and gemma3 (Gemma 3, text part)"
 
 # Values transformers assumes when a Gemma 3 config leaves them out (Gemma3TextConfig).
@@ -58,7 +57,7 @@ class Checkpoint:
     @property
     def arch(self) -> str:
         """llama.cpp's architecture name: gemma, gemma2 or gemma3."""
-        return ARCHES[self.model_type]
+        return MODEL_TYPES[self.model_type]
 
     @classmethod
     def open(cls, folder: Path) -> Checkpoint:
@@ -74,7 +73,7 @@ class Checkpoint:
         except (OSError, ValueError) as exc:
             raise InvalidModelFile(f"{config_path} is not valid JSON ({exc})") from None
         model_type = config.get("model_type")
-        if model_type not in ARCHES:
+        if model_type not in MODEL_TYPES:
             raise UnsupportedArchitecture(
                 f"{folder.name} is a {model_type!r} checkpoint; gemma convert supports "
                 f"{SUPPORTED}")
@@ -199,23 +198,9 @@ def text_hparams(config: dict) -> dict:
         text, base = dict(config), dict(_GEMMA2_DEFAULTS)
     else:
         text, base = dict(config), {"head_dim": 256}
-    merged = {**base, **{k: v for k, v in text.items() if v is not None or k not in base}}
     # transformers 5 writes rope_parameters / layer_types instead of the older keys.
-    rope = merged.get("rope_parameters")
-    if isinstance(rope, dict):
-        full = rope.get("full_attention", rope)
-        sliding = rope.get("sliding_attention", {})
-        if isinstance(full, dict):
-            merged["rope_theta"] = full.get("rope_theta", merged.get("rope_theta"))
-            if full.get("rope_type", "default") != "default":
-                merged["rope_scaling"] = full
-        if isinstance(sliding, dict) and "rope_theta" in sliding:
-            merged["rope_local_base_freq"] = sliding["rope_theta"]
-    layer_types = merged.get("layer_types")
-    if isinstance(layer_types, list) and "full_attention" in layer_types:
-        merged["sliding_window_pattern"] = layer_types.index("full_attention") + 1
-        merged["layer_types"] = layer_types
-    return merged
+    text.update(legacy_config_keys(text))
+    return {**base, **{k: v for k, v in text.items() if v is not None or k not in base}}
 
 
 def text_model_name(name: str) -> str | None:

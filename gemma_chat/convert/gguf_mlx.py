@@ -1,4 +1,4 @@
-"""Model conversion. For now: a Gemma GGUF to an mlx-lm model folder (one GGUF, both backends).
+"""A Gemma GGUF to an mlx-lm model folder (one GGUF, both backends).
 
     gguf_to_mlx(Path("gemma-3-270m-q4_k_m.gguf"), Path("out"), dtype="bfloat16")
 
@@ -20,9 +20,8 @@ from pathlib import Path
 
 from .. import store
 from ..errors import InvalidArgument, MissingDependency, UnsupportedArchitecture
+from ..family import GEMMA, query_pre_attn_scalar
 from ..gguf_file import check_gemma, read_gguf
-
-MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 # llama.cpp tensor names -> Hugging Face names; {n} is the layer number.
 _LAYER_NAMES = {
@@ -68,7 +67,8 @@ def config_from_gguf(info) -> dict:
     head_dim = int(get("attention.key_length") or hidden // heads)
     layers = int(get("block_count"))
     config = {
-        "model_type": MODEL_TYPES[arch], "hidden_size": hidden, "num_hidden_layers": layers,
+        "model_type": GEMMA[arch].mlx_model_type, "hidden_size": hidden,
+        "num_hidden_layers": layers,
         "intermediate_size": int(get("feed_forward_length")), "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv") or heads),
         "head_dim": head_dim, "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
@@ -80,19 +80,17 @@ def config_from_gguf(info) -> dict:
         "tie_word_embeddings": True,
     }
     eos = int(get("tokenizer.ggml.eos_token_id") or 1)
-    config["eos_token_id"] = [eos, 107 if arch == "gemma" else 106]  # + <end_of_turn>
+    config["eos_token_id"] = [eos, GEMMA[arch].end_of_turn_id]
     if arch in ("gemma2", "gemma3"):
-        # The 27B models scale queries by hidden/heads, the others by head_dim (llama.cpp
-        # derives it the same way; the GGUF has no key for it).
-        big = (arch == "gemma2" and layers == 46) or (arch == "gemma3" and layers == 62)
-        config["query_pre_attn_scalar"] = hidden // heads if big else head_dim
+        config["query_pre_attn_scalar"] = query_pre_attn_scalar(arch, layers, hidden, heads,
+                                                                head_dim)
         config["sliding_window"] = int(get("attention.sliding_window") or 4096)
     if arch == "gemma2":
         config["attn_logit_softcapping"] = float(get("attn_logit_softcapping") or 50.0)
         config["final_logit_softcapping"] = float(get("final_logit_softcapping") or 30.0)
     if arch == "gemma3":
         config["rope_local_base_freq"] = 10000.0
-        config["sliding_window_pattern"] = 6
+        config["sliding_window_pattern"] = GEMMA[arch].sliding_window_pattern
     return config
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import store
 from ..errors import InvalidModelFile, UnsupportedArchitecture, missing_extra
+from ..family import GEMMA, layer_types, query_pre_attn_scalar
 from .checkpoint import Checkpoint
 
 Progress = Callable[..., object]  # (stage, done, total, detail="")
@@ -89,16 +90,14 @@ def check_llama_cpp_compatible(ckpt: Checkpoint) -> None:
             f"{ckpt.folder.name}: {what}; llama.cpp's {arch} cannot represent that")
 
     if arch in ("gemma2", "gemma3"):
-        # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 27B
-        # models, which it recognizes by their layer count.
-        big = layers == (46 if arch == "gemma2" else 62)
-        expected = hidden // heads if big else head_dim
+        # llama.cpp derives the query scaling from the layer count; a config that says
+        # otherwise cannot be represented.
+        expected = query_pre_attn_scalar(arch, layers, hidden, heads, head_dim)
         if float(hp.get("query_pre_attn_scalar", expected)) != float(expected):
             refuse(f"query_pre_attn_scalar is {hp['query_pre_attn_scalar']}, not {expected}")
-    pattern = 2 if arch == "gemma2" else 6
+    pattern = GEMMA[arch].sliding_window_pattern
     if arch in ("gemma2", "gemma3"):
-        want = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                for i in range(layers)]
+        want = layer_types(arch, layers)
         types = hp.get("layer_types")
         if arch == "gemma3" and hp.get("sliding_window_pattern", 6) != 6 and not types:
             refuse(f"sliding_window_pattern is {hp['sliding_window_pattern']}, not 6")

@@ -1,17 +1,17 @@
-"""``gemma run``: one prompt in, one streamed answer out.
+"""One prompt in, one streamed answer out: what ``gemma run`` does, as plain functions.
 
     backend = load_backend(resolve("gemma-3-270m"))
     ids = prompt_ids(backend, "The capital of France is", chat=False)
-    text, stats = run(backend, ids, SamplingParams(temperature=0), sys.stdout.write)
+    text, stats = generate(backend, ids, SamplingParams(temperature=0), sys.stdout.write)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from . import template
-from .backends.base import Backend, SamplingParams, Stats, apply_model_defaults
+from .backends.base import Backend, SamplingParams, Stats, apply_model_defaults, collect
 from .errors import InvalidArgument
+from .prompt import PromptBuilder
 
 #: A pretrained (base) model never ends its turn on its own: without --max-tokens, stop here.
 PT_DEFAULT_MAX_TOKENS = 256
@@ -27,21 +27,19 @@ def compose(prompt: str | None, stdin_text: str | None) -> str:
 
 
 def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids for ``text``: in Gemma's chat template when ``chat``, else as raw text.
+    """Token ids for ``text``: in the model's chat format when ``chat``, else as raw text.
 
-    Raw text gets the model's BOS unless it already starts with ``<bos>``. Either way the
-    ids hold exactly one BOS.
+    Either way the ids hold exactly one BOS.
     """
+    prompts = PromptBuilder(backend)
     if chat:
         messages = [{"role": "user", "content": text}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
-        return backend.tokenize(template.render(messages))
+        return prompts.chat(messages)
     if system:
         raise InvalidArgument("--system needs the chat template (drop --raw, or use an IT model)")
-    ids = backend.tokenize(text)
-    bos = backend.info.bos_id
-    return ids if ids[:1] == [bos] else [bos, *ids]
+    return prompts.raw(text)
 
 
 def default_sampling(backend: Backend, *, capped: bool, **overrides: object) -> SamplingParams:
@@ -64,7 +62,7 @@ def check_overrides(overrides: dict[str, object]) -> None:
     SamplingParams().with_overrides(**overrides)
 
 
-def run(
+def generate(
     backend: Backend,
     ids: Sequence[int],
     sampling: SamplingParams,
@@ -72,13 +70,4 @@ def run(
     **options: object,
 ) -> tuple[str, Stats]:
     """Stream a generation into ``write``; return the full text and the stats."""
-    pieces: list[str] = []
-    stats = None
-    for chunk in backend.stream(ids, sampling, **options):
-        if chunk.text:
-            pieces.append(chunk.text)
-            write(chunk.text)
-        if chunk.stats is not None:
-            stats = chunk.stats
-    assert stats is not None, "a backend stream must end with a stats chunk"
-    return "".join(pieces), stats
+    return collect(backend.stream(ids, sampling, **options), write)

@@ -1,0 +1,88 @@
+"""The ``gemma`` command line: each command parses, calls library functions, prints.
+
+One module per command group (``generate``: run and chat; ``serve``; ``models``: pull, list,
+show, rm, models; ``convert``; ``bench``; ``settings``: config), all on the one Typer ``app`` of
+:mod:`.common`. Errors from the library arrive typed (:mod:`gemma_chat.errors`) and leave here,
+in :func:`main`, as one line on stderr and an exit code; ``GEMMA_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+from .. import __version__
+from ..errors import GemmaChatError, Interrupted
+from .common import app
+
+# The command modules register on `app`; imported in the order `gemma --help` lists them.
+# isort: off
+from . import generate, serve, settings, models, convert, bench  # noqa: E402, F401
+# isort: on
+
+__all__ = ["app", "main"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gemma-chat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Talk to Google's Gemma models on your own machine."""
+
+
+def _interrupted() -> int:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    print("\ninterrupted", file=sys.stderr)
+    return Interrupted.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gemma`` script; returns the exit code."""
+    command = typer.main.get_command(app)
+    debug = bool(os.environ.get("GEMMA_DEBUG"))
+    try:
+        result = command.main(args=argv, prog_name="gemma", standalone_mode=False)
+        if result == Interrupted.exit_code:  # Typer turns Ctrl-C into a returned 130
+            return _interrupted()
+        return result if isinstance(result, int) else 0
+    except GemmaChatError as exc:
+        if debug:
+            raise
+        sys.stdout.flush()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help())
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        return _interrupted()
+    except BrokenPipeError:
+        # `gemma run ... | head -1`: the reader left; not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # the last line of defence: never a traceback by default
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (set GEMMA_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,228 @@
+"""``gemma run`` and ``gemma chat``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.markup import escape
+
+from ..errors import GemmaChatError
+from .common import (
+    BackendOpt,
+    CtxOpt,
+    MaxTokOpt,
+    MinPOpt,
+    ModelOpt,
+    RepeatOpt,
+    SeedOpt,
+    SystemOpt,
+    TempOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+    YesOpt,
+    app,
+    dim,
+    load,
+    sampling_flags,
+    stderr,
+)
+
+
+@app.command()
+def run(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; stdin is appended after "
+                                                    "a blank line.")] = None,
+    model: ModelOpt = "gemma-3-270m",
+    backend: BackendOpt = "auto",
+    system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Send the prompt as raw text, without the chat template (the default for "
+                      "pretrained models).")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Use the chat template even for a "
+                                       "pretrained model.")] = False,
+    temp: TempOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text "
+                                          "and the stats.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
+                                          "to stderr.")] = False,
+    yes: YesOpt = False,
+) -> None:
+    """Answer one prompt, streaming the reply to stdout."""
+    from .. import generate as gen
+
+    if raw and chat:
+        raise click.UsageError("--raw and --chat exclude each other")
+    stdin_text = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    text = gen.compose(prompt, stdin_text)
+    overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
+    with load(model, backend, ctx, threads, spinner=False, yes=yes) as opened:
+        use_chat = chat or (opened.resolved.instruction_tuned and not raw)
+        ids = gen.prompt_ids(opened.backend, text, chat=use_chat, system=system)
+        capped = not (use_chat and opened.resolved.instruction_tuned)
+        sampling = gen.default_sampling(opened.backend, capped=capped, **overrides)
+        if verbose:
+            print_info(opened.backend.info, use_chat, sampling)
+        write = (lambda s: None) if as_json else stdout_writer()
+        out, stats = gen.generate(opened.backend, ids, sampling, write)
+        if as_json:
+            typer.echo(json.dumps({
+                "model": opened.backend.info.name, "backend": opened.backend.info.backend,
+                "prompt_format": "chat" if use_chat else "raw", "text": out,
+                "sampling": sampling.to_dict(), "stats": stats.to_dict(),
+            }, ensure_ascii=False))
+        elif out and not out.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        if verbose:
+            print_stats(stats)
+
+
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="As for `gemma run` (default: the configured default-model, else "
+                              "2b-it when it is on disk, else the bundled gemma-3-270m).")] = None,
+    backend: BackendOpt = "auto",
+    system: SystemOpt = None,
+    temp: TempOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    plain: Annotated[bool, typer.Option("--plain", help="Plain text replies, no Markdown "
+                                        "rendering (the default when stdout is not a "
+                                        "terminal).")] = False,
+    resume: Annotated[str | None, typer.Option(
+        "--resume", "-r", help="Continue a conversation: a file saved with /save, an autosave "
+                               "file, or `last`.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List recent conversations and "
+                                        "exit.")] = False,
+    no_autosave: Annotated[bool, typer.Option("--no-autosave", help="Do not append turns to "
+                                              "the conversation history.")] = False,
+    yes: YesOpt = False,
+) -> None:
+    """Chat with a model: replies stream as they are generated."""
+    from .. import generate as gen
+    from .. import repl, sessions
+    from ..chat import Conversation
+    from ..loader import default_chat_model
+
+    if list_:
+        list_conversations()
+        return
+    overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
+    err = stderr()
+    saved = None
+    if resume:
+        path = sessions.recent(1)[0] if resume == "last" and sessions.recent(1) else None
+        if resume == "last" and path is None:
+            raise click.UsageError("there is no conversation to resume yet")
+        saved = sessions.load(path or Path(resume))
+        if model is None and saved.model:
+            saved_path = Path(str(saved.model.get("path", "")))
+            model = str(saved_path) if saved_path.exists() else str(saved.model.get("name"))
+    if model is None:
+        model, why = default_chat_model()
+        dim(f"using {model} ({why})")
+    opened = load(model, backend, ctx, threads, spinner=True, yes=yes)
+    try:
+        info = opened.backend.info
+        dim(f"{info.name}: {info.architecture}, {info.quantization}, {info.backend} on "
+            f"{info.device}, context {info.n_ctx}, loaded in {opened.load_s:.1f} s. /help for "
+            "commands.")
+        pretrained = not opened.resolved.instruction_tuned
+        sampling = gen.default_sampling(opened.backend, capped=pretrained, **overrides)
+        if pretrained:
+            err.print(f"[yellow]{escape(info.name)} is a pretrained (base) model, not trained "
+                      f"to chat: expect it to ramble; replies stop after {sampling.max_tokens} "
+                      f"tokens.[/yellow]")
+
+        def load_model(name: str):
+            return load(name, backend, ctx, threads, spinner=True).backend
+
+        interactive = sys.stdin.isatty()
+        rich_out = not plain and sys.stdout.isatty()
+        renderer = repl.MarkdownRenderer() if rich_out else repl.PlainRenderer()
+        app_ = repl.ChatApp(
+            opened.backend, Conversation(opened.backend, system=system), sampling,
+            renderer=renderer,
+            note=lambda s: err.print(s, markup=False, style="dim"), load_model=load_model,
+            autosave=None if no_autosave else sessions.Autosave())
+        if saved is not None:
+            if system is not None:
+                saved.system = system
+            dim(app_.restore(saved))
+        lines = repl.terminal_lines(app_) if interactive else repl.stream_lines(sys.stdin)
+        try:
+            app_.run(lines)
+        finally:
+            app_.backend.close()  # /model may have replaced the backend
+    finally:
+        opened.backend.close()
+
+
+def list_conversations() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .. import sessions
+
+    table = Table(title="Recent conversations (gemma chat --resume FILE)", title_justify="left")
+    for col in ("file", "model", "turns", "started with"):
+        table.add_column(col)
+    for path in sessions.recent():
+        try:
+            saved = sessions.load(path)
+        except GemmaChatError:
+            continue
+        first = saved.exchanges[0].user if saved.exchanges else ""
+        table.add_row(str(path), str(saved.model.get("name", "?")), str(len(saved.exchanges)),
+                      first[:40] + ("..." if len(first) > 40 else ""))
+    Console().print(table)
+
+
+def stdout_writer():
+    out = sys.stdout
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    return write
+
+
+def print_info(info, chat: bool, sampling) -> None:
+    err = stderr()
+    err.print(f"[dim]model   {escape(info.name)} ({info.architecture}, {info.quantization}, "
+              f"{info.n_params / 1e6:.0f}M params) {escape(str(info.path))}[/dim]")
+    err.print(f"[dim]backend {info.backend} on {info.device}, {info.threads} threads, "
+              f"context {info.n_ctx} of {info.n_ctx_train}[/dim]")
+    if info.weight_repack:
+        dim(f"repack  {info.weight_repack}")
+    err.print(f"[dim]prompt  {'Gemma chat template' if chat else 'raw text'}; "
+              f"sampling {escape(str(sampling.to_dict()))}[/dim]")
+
+
+def print_stats(stats) -> None:
+    dim(f"prompt {stats.prompt_tokens} tokens ({stats.prompt_eval_tokens} evaluated, "
+        f"{stats.prefill_tps:.1f} t/s) | generated {stats.generated_tokens} tokens "
+        f"({stats.decode_tps:.1f} t/s) | ttft {stats.ttft_s * 1000:.0f} ms | "
+        f"stop: {stats.stop_reason} | sampler: {stats.sampler}")

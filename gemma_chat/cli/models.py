@@ -1,0 +1,174 @@
+"""``gemma pull``, ``list``, ``show``, ``rm`` and ``models``: models on disk and in the
+catalogue."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+from ..errors import ModelNotFound
+from .common import BackendOpt, app, dim, pull_policy, stderr
+
+QuantOpt = Annotated[str, typer.Option("--quant", "-q", help="q4, q5, q8, f16, bf16, f32, or a "
+                                        "llama.cpp type (q4_k_m, q6_k, ...).")]
+
+
+@app.command()
+def pull(
+    model: Annotated[str, typer.Argument(help="A catalogue name or alias (`gemma models`).")],
+    backend: BackendOpt = "auto",
+    quant: QuantOpt = "q4",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Download a model's weights for the backend (into the Hugging Face cache)."""
+    from .. import loader
+    from ..backends import formats_for
+    from ..quant import parse
+
+    fmt = formats_for(backend)[0]
+    parse(quant, fmt if fmt == "mlx" else "gguf")
+    resolved = loader.pull(model, fmt, quant, pull_policy(yes=True, quiet=quiet))
+    stderr().print(f"{resolved.name}: {resolved.path}", markup=False)
+
+
+@app.command("list")
+def list_models() -> None:
+    """The models on disk: name, format, quantization, size, path."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..inventory import local_models
+    from ..memory import human
+
+    table = Table(title="Models on disk", title_justify="left")
+    for col in ("name", "format", "quantization", "size", "where", "path"):
+        table.add_column(col)
+    for m in local_models():
+        table.add_row(m.name, m.format, m.quantization, human(m.size), m.origin, str(m.path))
+    Console().print(table)
+
+
+@app.command()
+def show(
+    model: Annotated[str, typer.Argument(help="Catalogue name or alias, or a path.")],
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context size for the memory "
+                                     "estimate.")] = 8192,
+) -> None:
+    """Architecture, context, parameters, quantization, files, license, memory needs."""
+    from .. import catalog, memory, prompt
+    from ..gguf_file import read_gguf
+    from ..resolve import resolve
+
+    spec = catalog.load().get(model)
+    lines = []
+    local = None
+    try:
+        local = resolve(model, ("gguf", "mlx"))
+    except ModelNotFound:
+        if spec is None:
+            raise
+    if spec is None and local is not None:
+        spec = local.spec
+    arch = spec.arch if spec is not None else None
+    if spec is not None:
+        lines += [f"model          {spec.name} ({spec.display}), {spec.params} parameters, "
+                  f"{'instruction-tuned' if spec.instruction_tuned else 'pretrained'}",
+                  f"architecture   {spec.arch}, {spec.shape.get('layers')} layers, "
+                  f"{spec.shape.get('heads')} heads / {spec.shape.get('kv_heads')} KV heads",
+                  f"context        {spec.context:,} tokens",
+                  f"license        {spec.license} (https://huggingface.co/{spec.hf_repo})",
+                  "sources        GGUF: " + ", ".join(f"{k} {v.repo}/{v.file}"
+                                                      for k, v in spec.gguf.items())]
+    if local is not None:
+        lines.append(f"on disk        {local.path} ({local.format}, {local.origin})")
+        if local.format == "gguf":
+            info = read_gguf(local.path)
+            arch = info.architecture  # the file decides its format, not the name
+            lines.append(f"quantization   {info.quantization}, {info.n_params / 1e6:,.0f}M "
+                         f"parameters in the file")
+            shape, shape_arch = memory.shape_from_gguf(info)
+            est = memory.estimate(shape, shape_arch, info.file_size, ctx)
+            lines.append(f"memory         about {memory.human(est.total)} at context {ctx} "
+                         f"(weights {memory.human(est.weights)}, KV cache "
+                         f"{memory.human(est.kv_cache)})")
+            repacking = repack_summary()
+            if repacking:
+                lines.append(f"repacking      {repacking}")
+    else:
+        lines.append("on disk        no (`gemma pull` downloads it)")
+    if arch is not None:
+        lines.append("chat template  built in for its architecture (templates in model files "
+                     "are never run): " + prompt.format_for(arch).description)
+    typer.echo("\n".join(lines))
+
+
+def repack_summary() -> str:
+    """llama.cpp's weight repacking on this machine, where llama-cpp-python is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return ""
+    from ..backends import repack
+
+    state = repack.prepare()
+    if state.note:
+        dim(state.note)
+    return state.describe()
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(help="A catalogue name or alias.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete a model's files from the store and the Hugging Face cache."""
+    from .. import catalog
+    from ..inventory import local_models, remove
+    from ..memory import human
+
+    spec = catalog.get(model)
+    targets = [m for m in local_models() if m.name == spec.name]
+    if not targets:
+        raise ModelNotFound(f"{spec.name} is not on disk")
+    for m in targets:
+        typer.echo(f"{m.path} ({m.format}, {m.origin}, {human(m.size)})", err=True)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("pass --yes to delete without asking")
+        if not typer.confirm("Delete these files?", err=True):
+            return
+    remove(spec.name, targets)
+    typer.echo(f"removed {spec.name}", err=True)
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the catalogue as JSON.")] = False,
+) -> None:
+    """List the Gemma models in the catalogue, and which are on disk."""
+    from .. import catalog
+    from ..resolve import on_disk
+
+    specs = catalog.load().specs
+    rows = [(spec, on_disk(spec)) for spec in specs]
+    if as_json:
+        typer.echo(json.dumps([{**spec.to_dict(), "on_disk": disk} for spec, disk in rows],
+                              indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Gemma models", title_justify="left")
+    for col, kw in (("name", {"style": "bold"}), ("aliases", {}), ("params", {"justify": "right"}),
+                    ("context", {"justify": "right"}), ("type", {}), ("weights", {}),
+                    ("on disk", {})):
+        table.add_column(col, **kw)
+    for spec, disk in rows:
+        weights = [b for b, has in (("gguf", spec.gguf), ("mlx", spec.mlx)) if has]
+        table.add_row(spec.name, ", ".join(spec.aliases), spec.params, f"{spec.context:,}",
+                      spec.tuned.upper(), ", ".join(weights), ", ".join(disk) or "-")
+    Console().print(table)

@@ -1,0 +1,95 @@
+"""What differs between Gemma generations, in one place: architectures, the config model types
+that name them, sliding-window layer patterns, query scaling, end-of-turn ids, and the newer
+Hugging Face config form. The backends, the converter, the memory estimate, the catalogue and
+the prompt formats all read it from here.
+
+    arch = architecture_of("gemma3_text")          # "gemma3"
+    GEMMA["gemma3"].sliding_window_pattern         # 6: five sliding layers, then one global
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One llama.cpp architecture of the Gemma family."""
+
+    name: str  # llama.cpp's architecture name, as GGUF files declare it
+    generation: str  # "1", "2", "3"
+    model_types: tuple[str, ...]  # config.json model types that are this architecture
+    mlx_model_type: str  # what mlx-lm calls its text model
+    sliding_window_pattern: int  # every Nth layer is global, the others sliding; 0: none
+    big_layers: int | None  # the 27B's layer count: its queries are scaled by hidden / heads
+    end_of_turn_id: int  # <end_of_turn>
+
+
+GEMMA: dict[str, Architecture] = {
+    "gemma": Architecture("gemma", "1", ("gemma",), "gemma", 0, None, 107),
+    "gemma2": Architecture("gemma2", "2", ("gemma2",), "gemma2", 2, 46, 106),
+    "gemma3": Architecture("gemma3", "3", ("gemma3", "gemma3_text"), "gemma3_text", 6, 62, 106),
+}
+
+#: config.json ``model_type`` -> architecture name.
+MODEL_TYPES: dict[str, str] = {t: a.name for a in GEMMA.values() for t in a.model_types}
+
+
+def architecture_of(model_type: str | None) -> str | None:
+    """The architecture a config.json ``model_type`` names, or None when it is not Gemma."""
+    return MODEL_TYPES.get(model_type or "")
+
+
+def supported_model_types() -> str:
+    return ", ".join(MODEL_TYPES)
+
+
+def query_pre_attn_scalar(arch: str, layers: int, hidden: int, heads: int,
+                          head_dim: int) -> int:
+    """What queries are scaled by (1/sqrt of it): hidden/heads for the 27B models, which
+    llama.cpp recognizes by their layer count, else head_dim. GGUF files have no key for it."""
+    big = GEMMA[arch].big_layers
+    return hidden // heads if big is not None and layers == big else head_dim
+
+
+def layer_kinds(arch: str, layers: int, pattern: int | None = None) -> tuple[int, int]:
+    """(global layers, sliding-window layers); every layer is global in an architecture
+    this module does not know."""
+    if pattern is None:
+        pattern = GEMMA[arch].sliding_window_pattern if arch in GEMMA else 0
+    if not pattern:
+        return layers, 0
+    n_global = layers // pattern
+    return n_global, layers - n_global
+
+
+def layer_types(arch: str, layers: int) -> list[str]:
+    """transformers' ``layer_types`` for the standard pattern."""
+    pattern = GEMMA[arch].sliding_window_pattern
+    return ["full_attention" if not pattern or (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(layers)]
+
+
+def legacy_config_keys(config: dict) -> dict:
+    """The newer Hugging Face config form (transformers 5: ``rope_parameters``,
+    ``layer_types``) as the older keys that mlx-lm and our converter read (``rope_theta``,
+    ``rope_local_base_freq``, ``rope_scaling``, ``sliding_window_pattern``). Returns only the
+    keys to add; keys the config already has are left alone."""
+    out: dict = {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):
+        full = rope.get("full_attention", rope)
+        sliding = rope.get("sliding_attention", {})
+        if isinstance(full, dict):
+            if "rope_theta" in full and "rope_theta" not in config:
+                out["rope_theta"] = full["rope_theta"]
+            if full.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+                out["rope_scaling"] = full
+        if isinstance(sliding, dict) and "rope_theta" in sliding \
+                and "rope_local_base_freq" not in config:
+            out["rope_local_base_freq"] = sliding["rope_theta"]
+    types = config.get("layer_types")
+    if isinstance(types, list) and "full_attention" in types \
+            and "sliding_window_pattern" not in config:
+        out["sliding_window_pattern"] = types.index("full_attention") + 1
+    return out
