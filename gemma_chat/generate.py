@@ -23,6 +23,16 @@ def compose(prompt: str | None, stdin_text: str | None) -> str:
     text = "\n\n".join(p.strip("\n") if i else p for i, p in enumerate(parts))
     if not text.strip():
         raise InvalidArgument("the prompt is empty: give it as an argument or on stdin")
+    return valid_text(text, "the prompt")
+
+
+def valid_text(text: str, what: str) -> str:
+    """``text``, refused when it holds bytes that are not UTF-8 (Python keeps them from a
+    command line as lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{what} is not valid UTF-8 text (byte {exc.start})") from None
     return text
 
 
@@ -32,6 +42,8 @@ def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = 
     Either way the ids hold exactly one BOS.
     """
     prompts = PromptBuilder(backend)
+    if system:
+        valid_text(system, "the system prompt")
     if chat:
         messages = [{"role": "user", "content": text}]
         if system:

@@ -5,12 +5,18 @@ the magic, the header, the metadata, the tensor table, and that the file is long
 every tensor it declares (a truncated download is the common case). gguf's ``GGUFReader`` does
 all this too, but it builds a numpy view per vocabulary entry (tens of seconds on Gemma's 262k
 tokens); this reader walks the header once and keeps scalars only, using gguf's own constants.
+
+:func:`check_gemma` then checks the values llama.cpp asserts on for the architectures we load
+(layer and head counts, epsilons, the vocabulary, special ids): a well-formed file with a bad
+value gets a one-line error naming the file and the key, instead of an abort inside llama.cpp.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,22 @@ class GGUFInfo:
     n_params: int
     file_size: int
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
+    arrays: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # (type, count, offset)
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> dims
+
+    def read_array(self, key: str) -> list:
+        """The values of a metadata array (read from the file on demand)."""
+        item_type, count, offset = self.arrays[key]
+        with open(self.path, "rb") as fh, \
+                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf, self.path)
+            cur.pos = offset
+            if item_type == GGUFValueType.STRING:
+                return [cur.string() for _ in range(count)]
+            fmt = _SCALARS[GGUFValueType(item_type)]
+            cur.need(count * struct.calcsize(fmt))
+            values = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, cur.pos))
+            return values
 
     def get(self, key: str, default: object = None) -> object:
         """An architecture key without its prefix (``context_length``) or a full key."""
@@ -157,6 +179,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
         raise InvalidModelFile(f"{path} does not exist")
     if path.is_dir():
         raise InvalidModelFile(f"{path} is a folder, not a GGUF file")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise InvalidModelFile(f"{path} is not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         if fh.read(4) != GGUF_MAGIC:
@@ -179,19 +203,27 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFInfo:
     if n_tensors > 1_000_000 or n_kv > 1_000_000:
         raise InvalidModelFile(f"{path} is a corrupt GGUF file (implausible header counts)")
     metadata: dict[str, object] = {}
+    arrays: dict[str, tuple[int, int, int]] = {}
     for _ in range(n_kv):
         key = cur.string()
-        metadata[key] = cur.value(cur.unpack("<I"))
+        vtype = cur.unpack("<I")
+        start = cur.pos
+        metadata[key] = cur.value(vtype)
+        if vtype == GGUFValueType.ARRAY:
+            item_type, count = struct.unpack_from("<IQ", buf, start)
+            arrays[key] = (item_type, count, start + 12)
 
     n_params = 0
     end = 0
     types: dict[str, int] = {}
+    tensors: dict[str, tuple[int, ...]] = {}
     for _ in range(n_tensors):
-        cur.string()  # tensor name
+        name = cur.string()
         n_dims = cur.unpack("<I")
         if n_dims > 8:
             raise InvalidModelFile(f"{path} is a corrupt GGUF file (a tensor with {n_dims} dims)")
         dims = [cur.unpack("<Q") for _ in range(n_dims)]
+        tensors[name] = tuple(dims)
         ggml_type = GGMLQuantizationType(cur.unpack("<I"))
         offset = cur.unpack("<Q")
         elements = 1
@@ -202,7 +234,11 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFInfo:
         n_params += elements
         types[ggml_type.name] = types.get(ggml_type.name, 0) + 1
 
-    alignment = int(metadata.get("general.alignment", 32) or 32)
+    alignment = metadata.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) \
+            or not 32 <= alignment <= 1 << 20 or alignment & (alignment - 1):
+        raise InvalidModelFile(f"{path}: general.alignment = {alignment!r} is not a power of two "
+                               "from 32 to 1 MiB")
     data_start = (cur.pos + alignment - 1) // alignment * alignment
     if data_start + end > size:
         missing = data_start + end - size
@@ -213,7 +249,8 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFInfo:
     architecture = metadata.get("general.architecture")
     if not isinstance(architecture, str):
         raise InvalidModelFile(f"{path} has no general.architecture in its metadata")
-    return GGUFInfo(path, architecture, metadata, n_tensors, n_params, size, types)
+    return GGUFInfo(path, architecture, metadata, n_tensors, n_params, size, types, arrays,
+                    tensors)
 
 
 def check_gemma(info: GGUFInfo) -> GGUFInfo:
@@ -223,4 +260,122 @@ def check_gemma(info: GGUFInfo) -> GGUFInfo:
             f"{info.path.name} is a {info.architecture!r} model, not Gemma "
             f"(supported architectures: {', '.join(GEMMA_ARCHITECTURES)})"
         )
+    check_values(info)
     return info
+
+
+# -- the values llama.cpp asserts on ---------------------------------------------------------
+
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def _refuse(info: GGUFInfo, key: str, value: object, rule: str) -> InvalidModelFile:
+    shown = repr(value) if not isinstance(value, list) else f"[{len(value)} values]"
+    return InvalidModelFile(f"{info.path.name}: {key} = {shown[:60]} {rule} (a damaged or "
+                            "wrongly written GGUF file)")
+
+
+def _number(info: GGUFInfo, key: str, lo: float, hi: float, *, integer: bool = True,
+            required: bool = True, low_open: bool = False):
+    """A scalar key (or each entry of a per-layer array) within [lo, hi]."""
+    full = f"{info.architecture}.{key}"
+    if full in info.arrays:
+        values = info.read_array(full)
+    elif full in info.metadata:
+        values = [info.metadata[full]]
+    elif required:
+        raise InvalidModelFile(f"{info.path.name}: {full} is missing (a damaged or wrongly "
+                               "written GGUF file)")
+    else:
+        return None
+    for v in values:
+        kind_ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not kind_ok or (not integer and not math.isfinite(v)) \
+                or not lo <= v <= hi or (low_open and v == lo):
+            bound = f"({lo}, {hi}]" if low_open else f"[{lo}, {hi}]"
+            what = "an integer" if integer else "a finite number"
+            raise _refuse(info, full, v, f"is not {what} in {bound}")
+    return values if full in info.arrays else values[0]
+
+
+_checked: set[tuple[str, int, int]] = set()  # files that passed, by path, size and mtime
+
+
+def check_values(info: GGUFInfo) -> None:
+    """Refuse values llama.cpp would abort or hang on, naming the file and the key."""
+    try:
+        stat = info.path.stat()
+        key = (str(info.path.resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        key = None
+    if key in _checked:
+        return
+    _check_values(info)
+    if key is not None:
+        _checked.add(key)
+
+
+def _check_values(info: GGUFInfo) -> None:
+    arch = info.architecture
+    n_layer = _number(info, "block_count", 1, MAX_LAYERS)
+    blocks = {int(m.group(1)) for name in info.tensors if (m := _BLOCK.match(name))}
+    if blocks and (max(blocks) >= n_layer or len(blocks) != n_layer):
+        raise _refuse(info, f"{arch}.block_count", n_layer,
+                      f"does not match the {len(blocks)} layers of tensors in the file")
+    _number(info, "context_length", 1, 1 << 24)
+    n_embd = _number(info, "embedding_length", 1, 1 << 16)
+    _number(info, "feed_forward_length", 1, 1 << 20)
+    heads = _number(info, "attention.head_count", 1, 1024)
+    _number(info, "attention.head_count_kv", 1, max(heads) if isinstance(heads, list) else heads,
+            required=False)
+    for key in ("attention.key_length", "attention.value_length"):
+        _number(info, key, 1, 1 << 12, required=False)
+    _number(info, "attention.layer_norm_rms_epsilon", 0.0, 0.5, integer=False, low_open=True)
+    _number(info, "rope.freq_base", 0.0, 1e12, integer=False, required=False, low_open=True)
+    _number(info, "rope.scaling.factor", 0.0, 1e6, integer=False, required=False, low_open=True)
+    _number(info, "attention.sliding_window", 1, 1 << 24, required=False)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        _number(info, key, 0.0, 1e6, integer=False, required=False)
+    if isinstance(heads, list) and len(heads) != n_layer:
+        raise _refuse(info, f"{arch}.attention.head_count", heads, f"has not {n_layer} entries")
+    _check_vocabulary(info, n_embd)
+
+
+def _check_vocabulary(info: GGUFInfo, n_embd: int) -> None:
+    model = info.metadata.get("tokenizer.ggml.model")
+    if model != "llama":
+        raise _refuse(info, "tokenizer.ggml.model", model, "is not Gemma's SentencePiece "
+                      "tokenizer ('llama')")
+    if info.arrays.get("tokenizer.ggml.tokens", (None,))[0] != GGUFValueType.STRING:
+        raise InvalidModelFile(f"{info.path.name}: tokenizer.ggml.tokens is missing or not a "
+                               "list of strings (a damaged or wrongly written GGUF file)")
+    tokens = info.read_array("tokenizer.ggml.tokens")
+    n_vocab = len(tokens)
+    embd = info.tensors.get("token_embd.weight")
+    if not n_vocab or (embd is not None and (len(embd) != 2 or embd[1] != n_vocab
+                                             or embd[0] != n_embd)):
+        raise _refuse(info, "tokenizer.ggml.tokens", tokens,
+                      f"does not match token_embd.weight {list(embd or ())}")
+    if "" in tokens or len(set(tokens)) != n_vocab:
+        raise _refuse(info, "tokenizer.ggml.tokens", tokens, "holds empty or repeated tokens")
+    if "tokenizer.ggml.token_type" in info.arrays:
+        types = info.read_array("tokenizer.ggml.token_type")
+        if len(types) != n_vocab or any(not 0 <= t <= 6 for t in types):
+            raise _refuse(info, "tokenizer.ggml.token_type", types,
+                          f"is not {n_vocab} token types from 0 to 6")
+        bad = next((t for t, kind in zip(tokens, types) if kind == 6 and
+                    not _BYTE_TOKEN.match(t)), None)
+        if bad is not None:
+            raise _refuse(info, "tokenizer.ggml.tokens", bad, "is a byte token that is not "
+                          "<0xHH>")
+    if "tokenizer.ggml.scores" in info.arrays and \
+            info.arrays["tokenizer.ggml.scores"][1] != n_vocab:
+        raise _refuse(info, "tokenizer.ggml.scores", [], f"has not {n_vocab} entries")
+    for key in ("bos", "eos", "unknown", "padding", "eot"):
+        full = f"tokenizer.ggml.{key}_token_id"
+        value = info.metadata.get(full)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < n_vocab):
+            raise _refuse(info, full, value, f"is not a token id below {n_vocab}")

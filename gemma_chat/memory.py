@@ -92,9 +92,9 @@ def human(n: float) -> str:
 
 def load_warning(path, n_ctx: int | None) -> str | None:
     """Checked again at load time: a warning when a GGUF model will not fit in memory."""
-    from .gguf_file import read_gguf
+    from .gguf_file import check_gemma, read_gguf
 
-    info = read_gguf(path)
+    info = check_gemma(read_gguf(path))  # a damaged file is refused before any estimate
     shape, arch = shape_from_gguf(info)
     ctx = n_ctx or min(info.context_length or 8192, 8192)
     est = estimate(shape, arch, info.file_size, ctx)

@@ -144,6 +144,7 @@ class ChatApp:
         self.note = note or (lambda s: print(s, file=sys.stderr))
         self.load_model = load_model
         self.autosave = autosave
+        self._autosave_warned = False
         self.editor = editor or edit_in_editor
         self.created = sessions.now()
         self.replies = 0
@@ -190,6 +191,16 @@ class ChatApp:
     def _autosave(self) -> None:
         if self.autosave is not None and self.conversation.exchanges:
             self.autosave.exchange(self.conversation, self.sampling.to_dict())
+        self._autosave_warning()
+
+    def _autosave_warning(self) -> None:
+        """Say once that autosaving fails (and once more when it works again)."""
+        problem = self.autosave.problem if self.autosave is not None else None
+        if problem and not self._autosave_warned:
+            self.note(f"warning: {problem}")
+        elif not problem and self._autosave_warned:
+            self.note("(autosaving works again; nothing was lost)")
+        self._autosave_warned = bool(problem)
 
     # -- commands --
 
@@ -319,6 +330,7 @@ class ChatApp:
         if self.autosave is not None:
             self.autosave.reset()
             self.autosave.start(self.conversation, self.sampling.to_dict())
+            self._autosave_warning()
         return message
 
     def cmd_model(self, arg: str) -> None:
@@ -343,6 +355,7 @@ class ChatApp:
     def _record(self, event: dict) -> None:
         if self.autosave is not None:
             self.autosave.record(self.conversation, self.sampling.to_dict(), event)
+        self._autosave_warning()
 
     # -- the toolbar --
 

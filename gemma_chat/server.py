@@ -123,7 +123,11 @@ class Server:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+        # Compared as bytes (compare_digest refuses str with non-ASCII characters): the header's
+        # raw bytes, which Starlette decoded as latin-1, against the key in UTF-8.
+        given = token.strip().encode("latin-1", "replace")
+        expected = self.api_key.encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            "authentication_error", code="invalid_api_key")
 
@@ -138,7 +142,9 @@ class Server:
                 raise APIError(413, f"request body over {self.max_body} bytes", code="too_large")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except RecursionError:
+            raise APIError(400, "the request body nests too deeply") from None
+        except ValueError as exc:  # bad JSON or UTF-8, or an integer over Python's digit limit
             raise APIError(400, f"the request body is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
@@ -156,9 +162,11 @@ class Server:
             if value is None:
                 return None
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or (kind is int and not float(value).is_integer()):
+                    or (kind is int and isinstance(value, float) and not value.is_integer()):
                 raise APIError(400, f"{name} must be a{'n integer' if kind is int else ' number'}",
                                param=name)
+            if isinstance(value, int) and abs(value) > 2**63:  # float() of it would overflow
+                raise APIError(400, f"{name} is out of range", param=name)
             return kind(value)
 
         if data.get("n") not in (None, 1):
@@ -183,6 +191,15 @@ class Server:
             return self.defaults.with_overrides(**overrides)
         except GemmaChatError as exc:
             raise APIError(400, str(exc)) from None
+
+    @staticmethod
+    def stream_options(data: dict) -> dict:
+        options = data.get("stream_options")
+        if options is None:
+            return {}
+        if not isinstance(options, dict):
+            raise APIError(400, "stream_options must be an object", param="stream_options")
+        return options
 
     @staticmethod
     def stops(data: dict) -> list[str]:
@@ -353,7 +370,7 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
             return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
 
         if data.get("stream"):
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            include_usage = bool(server.stream_options(data).get("include_usage"))
 
             async def events():
                 if chat:  # the role comes first, as OpenAI sends it

@@ -24,6 +24,7 @@ from .errors import GemmaChatError, InvalidArgument
 
 FORMAT = "gemma-chat.conversation"
 VERSION = 1
+MAX_FILE_BYTES = 64 * 2**20  # a conversation file larger than this is not one of ours
 
 
 def model_identity(path: Path) -> str:
@@ -95,6 +96,7 @@ def save(convo: Conversation, path: Path, sampling: dict[str, object],
                     convo.backend.save_state(tmp)
                 record["kv_state"] = kv_path.name
                 record["kv_tokens"] = len(convo.backend.cached_tokens)
+                record["kv_bytes"] = kv_path.stat().st_size
                 saved_kv = kv_path
             except GemmaChatError:
                 saved_kv = None
@@ -105,24 +107,32 @@ def save(convo: Conversation, path: Path, sampling: dict[str, object],
     return saved_kv
 
 
-def _exchanges_from(records: list, where: Path) -> list[Exchange]:
+def _exchanges_from(records: object, where: Path) -> list[Exchange]:
+    if not isinstance(records, list):
+        raise InvalidArgument(f"{where} is not a gemma-chat conversation (its exchanges are not "
+                              "a list)")
     out = []
     for rec in records:
         if not isinstance(rec, dict) or not isinstance(rec.get("user"), str) \
                 or not isinstance(rec.get("reply", ""), str):
             raise InvalidArgument(f"{where} is not a gemma-chat conversation (bad exchange)")
         ids = rec.get("reply_ids") or []
-        if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+        if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                              for i in ids)):
             ids = []
         out.append(Exchange(rec["user"], rec.get("reply", ""), list(ids),
                             bool(rec.get("interrupted", False))))
     return out
 
 
-def _exchanges_from_messages(messages: list, where: Path) -> tuple[str | None, list[Exchange]]:
+def _exchanges_from_messages(messages: object, where: Path) \
+        -> tuple[str | None, list[Exchange]]:
     from . import template
     from .errors import InvalidMessages
 
+    if not isinstance(messages, list):
+        raise InvalidArgument(f"{where} is not a gemma-chat conversation (its messages are not "
+                              "a list)")
     try:
         system, turns = template.normalize(messages)
     except InvalidMessages as exc:
@@ -136,18 +146,10 @@ def _exchanges_from_messages(messages: list, where: Path) -> tuple[str | None, l
 def load(path: Path) -> Saved:
     """Read a conversation saved with ``/save`` or an autosave file; clear errors otherwise."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidArgument(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc}") from None
+    text = _read_bounded(path)
     if path.suffix == ".jsonl":
         return _load_autosave(path, text)
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    record = _json(text, path)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise InvalidArgument(f"{path} is not a gemma-chat conversation")
     if "exchanges" in record:
@@ -155,23 +157,84 @@ def load(path: Path) -> Saved:
         system = record.get("system")
     else:
         system, exchanges = _exchanges_from_messages(record.get("messages", []), path)
-    kv = record.get("kv_state")
-    kv_path = path.with_name(kv) if isinstance(kv, str) else None
     return Saved(system if isinstance(system, str) else None, exchanges,
-                 record.get("model") or {}, record.get("sampling") or {},
-                 record.get("created"), kv_path if kv_path and kv_path.is_file() else None, path)
+                 _mapping(record.get("model")), _mapping(record.get("sampling")),
+                 record.get("created") if isinstance(record.get("created"), str) else None,
+                 _kv_state(record, path), path)
+
+
+def _read_bounded(path: Path) -> str:
+    """The file's text, refused when it is not a regular file or too large to be ours."""
+    try:
+        if not path.exists():
+            raise InvalidArgument(f"{path} does not exist")
+        if not path.is_file():
+            raise InvalidArgument(f"{path} is not a regular file")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidArgument(f"{path} is over {MAX_FILE_BYTES // 2**20} MB: not a gemma-chat "
+                              "conversation")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"cannot read {path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _json(text: str, where: Path, line: int | None = None):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidArgument(f"{where} nests too deeply to be a gemma-chat conversation") \
+            from None
+    except ValueError as exc:
+        at = f"line {line}" if line else f"line {getattr(exc, 'lineno', '?')}"
+        raise InvalidArgument(f"{where} is not valid JSON ({at})") from None
+
+
+def _mapping(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _kv_state(record: dict, where: Path) -> Path | None:
+    """The KV state file beside a conversation: a plain file name, present, and of the size
+    recorded when it was written (a truncated state aborts llama.cpp as it reads it)."""
+    name = record.get("kv_state")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
+            or "\\" in name or "\0" in name:
+        return None
+    kv = where.parent / name
+    try:
+        if not kv.is_file():
+            return None
+        size = kv.stat().st_size
+    except OSError:
+        return None
+    expected = record.get("kv_bytes")
+    if not isinstance(expected, int) or isinstance(expected, bool) or size != expected:
+        return None  # written by an older version, cut short, or replaced: re-process instead
+    return kv
 
 
 class Autosave:
-    """Appends every finished turn to a JSON-lines file in the conversations folder."""
+    """Appends every finished turn to a JSON-lines file in the conversations folder.
+
+    A write that fails (a full disk, a folder gone read-only) never ends the chat: the events
+    wait in memory, ``problem`` says what happened, and the next write tries them all again.
+    What was written before is never damaged: a partial line is cut off again.
+    """
 
     def __init__(self, folder: Path | None = None):
         self.folder = folder or conversations_dir()
         self.path: Path | None = None
+        self.pending: list[dict[str, object]] = []
+        self.problem: str | None = None
 
     def start(self, convo: Conversation, sampling: dict[str, object]) -> None:
         """Begin a new file (on the first turn of a conversation)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.pending.clear()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = self.folder / f"{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
         self._write({"type": "header", "format": FORMAT, "version": VERSION, "created": now(),
@@ -182,10 +245,28 @@ class Autosave:
 
     def _write(self, event: dict[str, object]) -> None:
         assert self.path is not None
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self.pending.append(event)
+        size = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            size = self.path.stat().st_size if self.path.exists() else 0
+            with open(self.path, "a", encoding="utf-8") as fh:
+                for item in self.pending:
+                    fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if size is not None:
+                try:
+                    os.truncate(self.path, size)  # no half-written line after good ones
+                except OSError:
+                    pass
+            self.problem = (f"the conversation could not be autosaved to {self.path} "
+                            f"({exc.strerror or exc}); the chat goes on, and the turns are "
+                            "written as soon as there is room")
+            return
+        self.pending.clear()
+        self.problem = None
 
     def record(self, convo: Conversation, sampling: dict[str, object], event: dict) -> None:
         if self.path is None:
@@ -212,24 +293,26 @@ def _load_autosave(path: Path, text: str) -> Saved:
         if not line.strip():
             continue
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
+            event = _json(line, path, n)
+        except InvalidArgument:
             if n == len(text.splitlines()):
                 break  # a line cut short by a crash: everything before it stands
-            raise InvalidArgument(f"{path}: line {n} is not valid JSON") from None
+            raise
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "header":
             header, system = event, event.get("system")
+            system = system if isinstance(system, str) else None
         elif kind == "exchange":
             exchanges += _exchanges_from([event], path)
         elif kind == "system":
-            system = event.get("system")
+            system = event.get("system") if isinstance(event.get("system"), str) else None
         elif kind == "undo" and exchanges:
             exchanges.pop()
     if header.get("format") != FORMAT:
         raise InvalidArgument(f"{path} is not a gemma-chat conversation")
-    return Saved(system, exchanges, header.get("model") or {}, header.get("sampling") or {},
-                 header.get("created"), None, path)
+    created = header.get("created")
+    return Saved(system, exchanges, _mapping(header.get("model")), _mapping(header.get("sampling")),
+                 created if isinstance(created, str) else None, None, path)
 
 
 def recent(limit: int = 20) -> list[Path]:
@@ -241,11 +324,39 @@ def recent(limit: int = 20) -> list[Path]:
     return files[:limit]
 
 
+def load_latest() -> Saved:
+    """The newest autosaved conversation; when it cannot be read, the error says which older
+    ones can."""
+    files = recent()
+    if not files:
+        raise InvalidArgument("there is no conversation to resume yet")
+    try:
+        return load(files[0])
+    except GemmaChatError as exc:
+        fine = []
+        for path in files[1:]:
+            try:
+                load(path)
+                fine.append(path)
+            except GemmaChatError:
+                continue
+            if len(fine) == 3:
+                break
+        others = (f"; these older ones can be resumed: {', '.join(str(p) for p in fine)}"
+                  if fine else "; no older conversation can be resumed either")
+        raise InvalidArgument(f"the latest conversation cannot be resumed: {exc}{others}") \
+            from None
+
+
 def restore(convo: Conversation, saved: Saved) -> str:
     """Put a saved conversation into ``convo``; re-use its KV state when the same model is
     loaded. Returns a one-line note of what happened."""
-    convo.set_system(saved.system)
     same_model = saved.model.get("identity") == model_identity(convo.backend.info.path)
+    n_vocab = convo.backend.info.n_vocab
+    if same_model and any(not 0 <= t < n_vocab for ex in saved.exchanges for t in ex.reply_ids):
+        where = saved.path or "the conversation"
+        raise InvalidArgument(f"{where} holds token ids outside this model's vocabulary")
+    convo.set_system(saved.system)
     convo.exchanges = saved.exchanges
     if not same_model:
         convo.rebind(convo.backend)  # reply ids belong to another vocabulary: re-tokenize

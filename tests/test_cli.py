@@ -201,3 +201,9 @@ def test_missing_extra_names_the_pip_install(tmp_path):
     assert result.returncode == 1
     assert "pip install 'gemma-chat[llama]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_absurd_thread_count_is_refused_before_llama_cpp(gguf_path):
+    # llama.cpp died with std::bad_alloc (SIGABRT) on -t 100000.
+    assert_clean_error(run_gemma("run", "-m", str(gguf_path), "-t", "100000", "Hi"),
+                       "invalid thread count 100000: must be 1 to 512", code=2)

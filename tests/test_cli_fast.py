@@ -89,3 +89,44 @@ def test_bench_compare_reads_two_runs(capsys, tmp_path):
     assert code == 0 and "| m | llama.cpp | pp512 | 100.00 | 150.00 | 1.500 |" in out
     code, _, err = run(capsys, "bench", "--compare", str(a), str(tmp_path / "missing"))
     assert code == 2 and "cannot read benchmark results" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--bogus", "Hi"], "error: No such option: --bogus"),
+    (["run", "-m"], "error: Option '-m' requires an argument."),
+    (["nosuchcommand"], "error: No such command 'nosuchcommand'."),
+    (["chat", "--resume", ""], "error: --resume needs a conversation file, or `last`"),
+    (["run", "caf\udce9"], "error: the prompt is not valid UTF-8 text"),
+    (["run", "--chat", "-s", "\udcff", "Hi"], "error: the system prompt is not valid UTF-8"),
+])
+def test_usage_errors_are_said_as_click_says_them(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.startswith(needle) and len(err.strip().splitlines()) == 1, err
+    assert "NoSuchOption" not in err and "Error:" not in err and out == ""
+
+
+def test_a_fifo_is_not_read_as_a_model(capsys, tmp_path):
+    import os
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    code, _, err = run(capsys, "run", "-m", str(fifo), "Hi")
+    assert code == 1 and err.strip() == f"error: {fifo} is not a regular file"
+
+
+def test_resume_last_names_the_conversations_that_still_load(capsys, tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("GEMMA_HOME", str(tmp_path))
+    folder = tmp_path / "conversations"
+    folder.mkdir()
+    older = folder / "20260101-000000-aaaaaa.jsonl"
+    older.write_text('{"type": "header", "format": "gemma-chat.conversation", "version": 1}\n')
+    newest = folder / "20260102-000000-bbbbbb.jsonl"
+    newest.write_text('{"type": "header", "format": "something else"}\n')
+    now = time.time()
+    os.utime(older, (now - 60, now - 60))
+    code, _, err = run(capsys, "chat", "--resume", "last")
+    assert code == 2 and err.startswith("error: the latest conversation cannot be resumed: ")
+    assert f"these older ones can be resumed: {older}" in err

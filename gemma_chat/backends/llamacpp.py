@@ -27,6 +27,7 @@ from . import base, repack
 from .base import BackendBase, Chunk, ModelInfo, Prompt, SamplingParams, Stats
 
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+MAX_THREADS = 512  # GGML_MAX_N_THREADS: more aborts llama.cpp
 _SAVED_PROMPTS = 8  # prompts whose final logits are kept for an exact re-run
 
 try:
@@ -102,8 +103,8 @@ class LlamaCppBackend(BackendBase):
         gguf = check_gemma(read_gguf(path))  # refuse bad files before llama.cpp can abort
         n_ctx_train = gguf.context_length or base.DEFAULT_MAX_CTX
         n_ctx = base.context_size(n_ctx, n_ctx_train, "llama.cpp")
-        if threads is not None and threads < 1:
-            raise InvalidArgument(f"invalid thread count {threads}: must be >= 1")
+        if threads is not None and not 1 <= threads <= MAX_THREADS:
+            raise InvalidArgument(f"invalid thread count {threads}: must be 1 to {MAX_THREADS}")
         threads = threads or default_threads()
         offload = bool(llama_cpp.llama_supports_gpu_offload())
         if gpu_layers is None:

@@ -50,6 +50,18 @@ def _interrupted() -> int:
     return Interrupted.exit_code
 
 
+def _kinds(exc: BaseException) -> set[str]:
+    """Class names in an exception's ancestry: Click's exceptions come both from click and from
+    the copy Typer vendors, so they are told apart by name."""
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _usage_hint(exc) -> str:
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) if ctx is not None else None
+    return f" (try '{path} --help')" if path else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gemma`` script; returns the exit code."""
     command = typer.main.get_command(app)
@@ -65,14 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.NoArgsIsHelpError as exc:
-        typer.echo(exc.ctx.get_help())
-        return 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        return exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
         return _interrupted()
     except BrokenPipeError:
@@ -80,7 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except Exception as exc:  # the last line of defence: never a traceback by default
+    except Exception as exc:  # Click's own exceptions, then the last line of defence
+        kinds = _kinds(exc)
+        if "NoArgsIsHelpError" in kinds:
+            typer.echo(exc.ctx.get_help())
+            return 0
+        if "Exit" in kinds:
+            return exc.exit_code
+        if "Abort" in kinds:
+            return _interrupted()
+        if "ClickException" in kinds:
+            hint = _usage_hint(exc) if "UsageError" in kinds else ""
+            print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+            return exc.exit_code
         if debug:
             raise
         print(f"error: {type(exc).__name__}: {exc} (set GEMMA_DEBUG=1 for the traceback)",

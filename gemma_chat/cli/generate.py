@@ -131,11 +131,8 @@ def chat(
     overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     err = stderr()
     saved = None
-    if resume:
-        path = sessions.recent(1)[0] if resume == "last" and sessions.recent(1) else None
-        if resume == "last" and path is None:
-            raise click.UsageError("there is no conversation to resume yet")
-        saved = sessions.load(path or Path(resume))
+    if resume is not None:
+        saved = sessions.load_latest() if resume == "last" else _load_named(resume)
         if model is None and saved.model:
             saved_path = Path(str(saved.model.get("path", "")))
             model = str(saved_path) if saved_path.exists() else str(saved.model.get("name"))
@@ -177,6 +174,14 @@ def chat(
             app_.backend.close()  # /model may have replaced the backend
     finally:
         opened.backend.close()
+
+
+def _load_named(resume: str):
+    from .. import sessions
+
+    if not resume.strip():
+        raise click.UsageError("--resume needs a conversation file, or `last`")
+    return sessions.load(Path(resume))
 
 
 def list_conversations() -> None:
