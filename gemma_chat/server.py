@@ -37,6 +37,9 @@ from .prompt import PromptBuilder
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 4
+#: Gemma's longest token is 31 characters: a prompt of more than this many characters per token
+#: of context cannot fit, and is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 64
 
 
 class APIError(Exception):
@@ -84,7 +87,7 @@ class StopStrings:
         return out
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One validated generation request, with the switch that cancels it and nothing else."""
 
@@ -115,6 +118,37 @@ class Server:
         self.created = int(time.time())
         self.defaults = default_sampling(backend, capped=False)
         self.prompts = PromptBuilder(backend)
+        self.jobs: set[Job] = set()  # waiting or generating
+        self.closing = False
+
+    def shutdown(self) -> None:
+        """Stop taking requests and cancel every job: generations stop within a token."""
+        self.closing = True
+        for job in list(self.jobs):
+            job.cancel.set()
+
+    def check_open(self) -> None:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", "server_error",
+                           code="shutting_down")
+
+    def check_size(self, data: dict) -> None:
+        """Refuse a prompt that cannot fit in the context before tokenizing it (a large one
+        would hold the tokenizer for seconds)."""
+        parts = [data.get("prompt")] if "prompt" in data else [
+            m.get("content") for m in data.get("messages") or [] if isinstance(m, dict)]
+        chars = 0
+        for part in parts:
+            if isinstance(part, str):
+                chars += len(part)
+            elif isinstance(part, list):
+                chars += sum(len(p.get("text", "")) if isinstance(p, dict) and
+                             isinstance(p.get("text"), str) else len(p) if isinstance(p, str)
+                             else 0 for p in part)
+        n_ctx = self.backend.info.n_ctx
+        if chars > n_ctx * MAX_CHARS_PER_TOKEN:
+            raise APIError(400, f"the prompt is {chars:,} characters: more than a context of "
+                                f"{n_ctx} tokens can hold", code="context_length_exceeded")
 
     # -- request parsing ----------------------------------------------------------------------
 
@@ -265,12 +299,23 @@ class Server:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
+        self.jobs.add(job)
         self.counters.waiting += 1
         try:
             await self.lock.acquire()
+        except BaseException:
+            self.jobs.discard(job)
+            raise
         finally:
             self.counters.waiting -= 1
+        if job.cancel.is_set():  # its client left, or the server is closing, while it waited
+            self.lock.release()
+            self.jobs.discard(job)
+            self.counters.cancelled += 1
+            yield "", None, "cancelled"
+            return
         future = loop.run_in_executor(None, worker)
+        future.add_done_callback(lambda _: self.jobs.discard(job))
         future.add_done_callback(lambda _: self.lock.release())
         stops = StopStrings(job.stops)
         done = False
@@ -292,6 +337,8 @@ class Server:
                 if chunk.stats is not None:
                     text += stops.flush()
                     done = True
+                    if chunk.stats.stop_reason == "cancelled":  # client gone, or shutdown
+                        self.counters.cancelled += 1
                     yield text, chunk.stats, chunk.finish_reason
                     return
                 if text:
@@ -311,6 +358,20 @@ class Server:
                 return stats
             if item.stats is not None:
                 stats = item.stats
+
+
+SHUTTING_DOWN = {"message": "the server is shutting down", "type": "server_error", "param": None,
+                 "code": "shutting_down"}
+
+
+async def watch_disconnect(request: Request, job: Job, every: float = 0.1) -> None:
+    """Cancel ``job`` when its client goes away (a non-streamed request sends nothing until
+    the end, so nothing else would notice)."""
+    while not job.cancel.is_set():
+        if await request.is_disconnected():
+            job.cancel.set()
+            return
+        await asyncio.sleep(every)
 
 
 def usage(prompt_len: int, stats: Stats | None) -> dict[str, object]:
@@ -356,7 +417,7 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
                 for name in server.names]
         return JSONResponse({"object": "list", "data": data})
 
-    async def respond(data: dict, job: Job, chat: bool) -> Response:
+    async def respond(request: Request, data: dict, job: Job, chat: bool) -> Response:
         """The OpenAI response for a chat or text completion: SSE when streamed, else JSON."""
         prefix = "chatcmpl" if chat else "cmpl"
         base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -380,6 +441,9 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
                 stats = None
                 async for text, stats_, reason in server.generate(job):
                     stats = stats_ or stats
+                    if reason == "cancelled":  # the server is shutting down
+                        yield sse({"error": SHUTTING_DOWN})
+                        break
                     if text or reason:
                         yield sse({**base, "object": chunk_object,
                                    "choices": [piece(text, reason)]})
@@ -391,9 +455,15 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
             return StreamingResponse(events(), media_type="text/event-stream")
 
         pieces, stats, reason = [], None, "stop"
-        async for text, stats_, reason_ in server.generate(job):
-            pieces.append(text)
-            stats, reason = stats_ or stats, reason_ or reason
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            async for text, stats_, reason_ in server.generate(job):
+                pieces.append(text)
+                stats, reason = stats_ or stats, reason_ or reason
+        finally:
+            watcher.cancel()
+        if reason == "cancelled":  # the client left (nobody reads this), or shutdown
+            return JSONResponse({"error": SHUTTING_DOWN}, status_code=503)
         text = "".join(pieces)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": reason} if chat else
@@ -405,11 +475,14 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
         build_prompt = server.chat_prompt if chat else server.completion_prompt
 
         async def endpoint(request: Request) -> Response:
+            server.check_open()
             data = await server.read_json(request)
             server.check_model(data)
-            prompt = build_prompt(data)
+            server.check_size(data)
+            # Tokenizing a long prompt takes a while: off the event loop, which keeps serving.
+            prompt = await asyncio.to_thread(build_prompt, data)
             job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
-            return await respond(data, job, chat=chat)
+            return await respond(request, data, job, chat=chat)
 
         return endpoint
 

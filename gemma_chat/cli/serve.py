@@ -26,8 +26,6 @@ def serve(
     threads: ThreadsOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
-    import uvicorn
-
     from ..server import create_app
 
     if not 0 < port < 65536:
@@ -43,4 +41,19 @@ def serve(
         stderr().print(f"serving [bold]{info.name}[/bold] ({info.backend}, context "
                        f"{info.n_ctx}) at {url}; requests are served one at a time"
                        f"{'; API key required' if api_key else ''}. Ctrl-C stops.")
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
+        run_until_signalled(app_, host, port)
+
+
+def run_until_signalled(app_, host: str, port: int) -> None:
+    """uvicorn, with SIGTERM and Ctrl-C cancelling every generation at once: in-flight requests
+    get a 503 (or an error event), and the process exits within about two seconds."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app_.state.server.shutdown()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app_, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=2)
+    Server(config).run()
