@@ -58,19 +58,16 @@ class GGUFInfo:
     arrays: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # (type, count, offset)
     tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> dims
 
+    header: bytes | None = None  # set when parsed from bytes (:func:`parse_gguf`)
+
     def read_array(self, key: str) -> list:
         """The values of a metadata array (read from the file on demand)."""
         item_type, count, offset = self.arrays[key]
+        if self.header is not None:
+            return _read_array(self.header, self.path, item_type, count, offset)
         with open(self.path, "rb") as fh, \
                 mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            cur = _Cursor(buf, self.path)
-            cur.pos = offset
-            if item_type == GGUFValueType.STRING:
-                return [cur.string() for _ in range(count)]
-            fmt = _SCALARS[GGUFValueType(item_type)]
-            cur.need(count * struct.calcsize(fmt))
-            values = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, cur.pos))
-            return values
+            return _read_array(buf, self.path, item_type, count, offset)
 
     def get(self, key: str, default: object = None) -> object:
         """An architecture key without its prefix (``context_length``) or a full key."""
@@ -170,6 +167,33 @@ class _Cursor:
                 raise InvalidModelFile(f"{self.path} has nested arrays in its metadata")
             return count
         raise InvalidModelFile(f"{self.path} has an unknown metadata type {vtype}")
+
+
+def _read_array(buf, path: Path, item_type: int, count: int, offset: int) -> list:
+    cur = _Cursor(buf, path)
+    cur.pos = offset
+    try:
+        if item_type == GGUFValueType.STRING:
+            return [cur.string() for _ in range(count)]
+        fmt = _SCALARS[GGUFValueType(item_type)]
+    except (KeyError, ValueError):
+        raise InvalidModelFile(f"{path} has an array of unknown type {item_type}") from None
+    cur.need(count * struct.calcsize(fmt))
+    return list(struct.unpack_from(f"<{count}{fmt[1]}", buf, cur.pos))
+
+
+def parse_gguf(header: bytes, name: str, file_size: int) -> GGUFInfo:
+    """A GGUF header held in memory (at least the metadata and tensor table) of a file of
+    ``file_size`` bytes: what :func:`read_gguf` does, without the file (for fuzzing)."""
+    path = Path(name)
+    if header[:4] != GGUF_MAGIC:
+        raise InvalidModelFile(f"{path} is not a GGUF file (no GGUF magic at its start)")
+    try:
+        info = _parse(header, path, file_size)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise InvalidModelFile(f"{path} is a corrupt GGUF file ({exc})") from None
+    info.header = header
+    return info
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
@@ -309,6 +333,8 @@ def check_values(info: GGUFInfo) -> None:
         stat = info.path.stat()
         key = (str(info.path.resolve()), stat.st_size, stat.st_mtime_ns)
     except OSError:
+        key = None
+    if info.header is not None:  # parsed from memory: nothing on disk to remember it by
         key = None
     if key in _checked:
         return

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from gemma_chat.cli import main
+from gemma_chat.cli import run_command as main  # in this process: no supervisor fork
 
 
 @pytest.fixture(autouse=True)

@@ -63,7 +63,15 @@ def _usage_hint(exc) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gemma`` script; returns the exit code."""
+    """Entry point of the ``gemma`` script; returns the exit code. The command runs in a
+    supervised child process (see :mod:`.supervise`)."""
+    from .supervise import supervised
+
+    return supervised(lambda: run_command(argv))
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    """The command itself, in this process; returns the exit code."""
     command = typer.main.get_command(app)
     debug = bool(os.environ.get("GEMMA_DEBUG"))
     try:

@@ -117,6 +117,9 @@ def load(model: str, backend: str, ctx: int | None, threads: int | None, spinner
             stderr().print(f"[yellow]warning: {escape(warning)}[/yellow]")
     options = loader.LoadOptions(n_ctx=ctx, threads=threads,
                                  verbose=bool(os.environ.get("GEMMA_DEBUG")))
+    from .supervise import note_model
+
+    note_model(resolved.path)
     if spinner and sys.stderr.isatty():
         with stderr().status(f"loading {resolved.name} ({backend} backend)"):
             opened = loader.load(resolved, backend, options)
