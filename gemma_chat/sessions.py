@@ -59,6 +59,7 @@ class Saved:
     created: str | None = None
     kv_path: Path | None = None
     path: Path | None = None
+    kv_tokens: int | None = None  # tokens in the KV state, as recorded when it was saved
 
 
 def conversations_dir() -> Path:
@@ -160,7 +161,8 @@ def load(path: Path) -> Saved:
     return Saved(system if isinstance(system, str) else None, exchanges,
                  _mapping(record.get("model")), _mapping(record.get("sampling")),
                  record.get("created") if isinstance(record.get("created"), str) else None,
-                 _kv_state(record, path), path)
+                 _kv_state(record, path), path,
+                 record["kv_tokens"] if isinstance(record.get("kv_tokens"), int) else None)
 
 
 def _read_bounded(path: Path) -> str:
@@ -364,6 +366,10 @@ def restore(convo: Conversation, saved: Saved) -> str:
         if not ex.reply_ids:
             ex.reply_ids = convo.backend.tokenize(ex.reply, special=False)
     n = len(convo.exchanges)
+    if saved.kv_path is not None and same_model and (
+            saved.kv_tokens is None or saved.kv_tokens > convo.backend.info.n_ctx):
+        return (f"resumed {n} exchanges; the KV state holds {saved.kv_tokens} tokens and the "
+                f"context {convo.backend.info.n_ctx}, so the history is re-processed")
     if saved.kv_path is not None and same_model:
         try:
             cached = convo.backend.load_state(saved.kv_path)

@@ -38,6 +38,22 @@ def model_dir(name: str, out: Path | None = None) -> Path:
     return models_dir(out) / name
 
 
+def _sync(path: Path) -> None:
+    """fsync a file, or a folder (its entries), where the platform allows it."""
+    if not path.exists() or (path.is_dir() and os.name == "nt"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only on success.
@@ -53,9 +69,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp.unlink()
     try:
         yield tmp
+        _sync(tmp)  # the data on disk before the rename makes it the file
         if target.is_dir() and tmp.is_dir():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        _sync(target.parent)  # ... and the rename itself
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -140,3 +140,20 @@ def test_a_truncated_kv_state_is_not_given_to_llama_cpp(gguf_path, tmp_path):
                     input="And now?\n")
     assert cut.returncode == 0, cut.stderr  # llama.cpp used to abort reading it (SIGABRT)
     assert "re-processed" in cut.stderr and "Traceback" not in cut.stderr
+
+
+def test_a_kv_state_larger_than_the_context_is_not_loaded(tmp_path):
+    backend = ScriptedBackend().enqueue("A reply long enough to fill a small context.")
+    _model_file(tmp_path, backend)
+    convo = Conversation(backend)
+    for _ in convo.send("Hi", SamplingParams(temperature=0)):
+        pass
+    path = tmp_path / "talk.json"
+    assert sessions.save(convo, path, {}) is not None
+    saved = sessions.load(path)
+    assert saved.kv_path is not None and saved.kv_tokens == len(backend.cached_tokens)
+    small = ScriptedBackend(n_ctx=saved.kv_tokens - 1)
+    small.info = backend.info.__class__(**{**backend.info.__dict__, "n_ctx": small.info.n_ctx})
+    note = sessions.restore(Conversation(small), saved)
+    assert "re-processed" in note and small.cached_tokens == []
+    assert "with their KV state" in sessions.restore(Conversation(backend), sessions.load(path))
