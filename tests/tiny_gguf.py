@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_chat.backends.repack import probe_tensors
+
 N_EMBD, N_FF, N_HEAD, HEAD_DIM, N_VOCAB = 256, 512, 2, 128, 512
 
 #: The metadata of the valid file: key -> (kind, value).
@@ -69,23 +71,8 @@ def write_gguf(path: Path, changes: dict[str, tuple[str, object] | None] | None 
     for key, (kind, value) in meta.items():
         adders[kind](key, value)
 
-    def weight(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
-
-    def norm(n: int) -> np.ndarray:
-        return (0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    writer.add_tensor("token_embd.weight", weight(N_VOCAB, N_EMBD))
-    writer.add_tensor("output_norm.weight", norm(N_EMBD))
-    layer = {"attn_q": weight(N_HEAD * HEAD_DIM, N_EMBD), "attn_k": weight(HEAD_DIM, N_EMBD),
-             "attn_v": weight(HEAD_DIM, N_EMBD), "attn_output": weight(N_EMBD, N_HEAD * HEAD_DIM),
-             "ffn_gate": weight(N_FF, N_EMBD), "ffn_up": weight(N_FF, N_EMBD),
-             "ffn_down": weight(N_EMBD, N_FF), "attn_norm": norm(N_EMBD),
-             "attn_q_norm": norm(HEAD_DIM), "attn_k_norm": norm(HEAD_DIM),
-             "post_attention_norm": norm(N_EMBD), "ffn_norm": norm(N_EMBD),
-             "post_ffw_norm": norm(N_EMBD)}
-    for name, value in layer.items():
-        writer.add_tensor(f"blk.0.{name}.weight", value)
+    for name, value in probe_tensors(rng, N_VOCAB, N_EMBD, N_FF, N_HEAD, HEAD_DIM).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -367,6 +367,28 @@ def prepare() -> RepackState:
 _PROBE_BATCH = 64  # AMX tiles are used for batches of 2 or more rows; decode uses VNNI
 
 
+def probe_tensors(rng, n_vocab: int, n_embd: int, n_ff: int, n_head: int,
+                  head_dim: int) -> dict:
+    """Random f32 weights of a one-layer Gemma 3, by llama.cpp tensor name."""
+    import numpy as np
+
+    def weight(rows: int, cols: int):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def norm(n: int):
+        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    layer = {"attn_q": weight(n_head * head_dim, n_embd), "attn_k": weight(head_dim, n_embd),
+             "attn_v": weight(head_dim, n_embd), "attn_output": weight(n_embd, n_head * head_dim),
+             "ffn_gate": weight(n_ff, n_embd), "ffn_up": weight(n_ff, n_embd),
+             "ffn_down": weight(n_embd, n_ff), "attn_norm": norm(n_embd),
+             "attn_q_norm": norm(head_dim), "attn_k_norm": norm(head_dim),
+             "post_attention_norm": norm(n_embd), "ffn_norm": norm(n_embd),
+             "post_ffw_norm": norm(n_embd)}
+    return {"token_embd.weight": weight(n_vocab, n_embd), "output_norm.weight": norm(n_embd),
+            **{f"blk.0.{name}.weight": value for name, value in layer.items()}}
+
+
 def build_probe_model(folder: Path) -> Path:
     """A tiny Gemma 3 GGUF (1 layer, 256 wide, 512-token vocabulary), quantized Q4_K_M by
     llama.cpp's own quantizer so its weights are the types (Q4_K, Q6_K, ...) real models use."""
@@ -404,23 +426,8 @@ def build_probe_model(folder: Path) -> Path:
     writer.add_unk_token_id(3)
     writer.add_pad_token_id(0)
 
-    def weight(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
-
-    def norm(n: int) -> np.ndarray:
-        return (0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
-    writer.add_tensor("output_norm.weight", norm(n_embd))
-    layer = {"attn_q": weight(n_head * head_dim, n_embd), "attn_k": weight(head_dim, n_embd),
-             "attn_v": weight(head_dim, n_embd), "attn_output": weight(n_embd, n_head * head_dim),
-             "ffn_gate": weight(n_ff, n_embd), "ffn_up": weight(n_ff, n_embd),
-             "ffn_down": weight(n_embd, n_ff), "attn_norm": norm(n_embd),
-             "attn_q_norm": norm(head_dim), "attn_k_norm": norm(head_dim),
-             "post_attention_norm": norm(n_embd), "ffn_norm": norm(n_embd),
-             "post_ffw_norm": norm(n_embd)}
-    for name, value in layer.items():
-        writer.add_tensor(f"blk.0.{name}.weight", value)
+    for name, value in probe_tensors(rng, n_vocab, n_embd, n_ff, n_head, head_dim).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
