@@ -28,11 +28,11 @@ def job(backend, max_tokens=400) -> Job:
 
 
 def test_a_job_whose_client_left_while_waiting_never_runs():
-    backend = ScriptedBackend(delay=0.005).enqueue("abc", "never")
+    backend = ScriptedBackend(delay=0.005).enqueue("a" * 200, "never")  # holds the lock 1 s
     server = Server(backend, ["scripted"])
 
     async def scenario():
-        first, waiting = job(backend), job(backend)
+        first, waiting = job(backend, max_tokens=200), job(backend)
         running = server.generate(first)
         await running.__anext__()
         queued = asyncio.create_task(_drain(server.generate(waiting)))
