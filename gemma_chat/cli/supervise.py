@@ -18,9 +18,11 @@ from collections.abc import Callable
 
 _status_fd: int | None = None  # in the child: where it says which model it works with
 SI_KERNEL = 0x80  # si_code of a signal the terminal sent (to the whole process group)
-_CRASHES = {signal.SIGABRT, signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGFPE,
-            signal.SIGKILL}
-_PASSED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Not every platform has every signal (Windows has few, and no fork: it runs unsupervised).
+_CRASHES = {getattr(signal, name) for name in ("SIGABRT", "SIGSEGV", "SIGILL", "SIGBUS", "SIGFPE",
+                                               "SIGKILL") if hasattr(signal, name)}
+_PASSED_ON = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                   if hasattr(signal, name))
 
 
 def note_model(path: object) -> None:
@@ -69,8 +71,9 @@ def _wait(pid: int) -> int:
             _pass_on(pid, info.si_signo)
     # macOS: no sigtimedwait. The terminal's Ctrl-C reaches the child directly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda number, _frame: _pass_on(pid, number))
+    for sig in _PASSED_ON:
+        if sig != signal.SIGINT:
+            signal.signal(sig, lambda number, _frame: _pass_on(pid, number))
     return os.waitpid(pid, 0)[1]
 
 
