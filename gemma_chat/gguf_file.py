@@ -13,6 +13,7 @@ value gets a one-line error naming the file and the key, instead of an abort ins
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
@@ -324,21 +325,50 @@ def _number(info: GGUFInfo, key: str, lo: float, hi: float, *, integer: bool = T
     return values if full in info.arrays else values[0]
 
 
-_checked: set[tuple[str, int, int]] = set()  # files that passed, by path, size and mtime
+_checked: set[str] = set()  # files that passed in this process
+_CHECKED_FILE = "checked-gguf.json"  # ... and in earlier ones, in GEMMA_HOME
+_CHECKED_KEPT = 64
+
+
+def _file_key(info: GGUFInfo) -> str | None:
+    if info.header is not None:  # parsed from memory: nothing on disk to remember it by
+        return None
+    try:
+        stat = info.path.stat()
+    except OSError:
+        return None
+    return f"{info.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _remembered() -> tuple[Path, list[str]]:
+    from .store import gemma_home
+
+    path = gemma_home() / _CHECKED_FILE
+    try:
+        keys = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        keys = []
+    return path, [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
 
 
 def check_values(info: GGUFInfo) -> None:
-    """Refuse values llama.cpp would abort or hang on, naming the file and the key."""
-    try:
-        stat = info.path.stat()
-        key = (str(info.path.resolve()), stat.st_size, stat.st_mtime_ns)
-    except OSError:
-        key = None
-    if info.header is not None:  # parsed from memory: nothing on disk to remember it by
-        key = None
-    if key in _checked:
+    """Refuse values llama.cpp would abort or hang on, naming the file and the key. A file
+    that passed is remembered by path, size and modification time (reading the vocabulary
+    takes 0.3 s on Gemma's 262k tokens)."""
+    key = _file_key(info)
+    if key is not None and key in _checked:
         return
-    _check_values(info)
+    record, keys = _remembered() if key is not None else (None, [])
+    if key is None or key not in keys:
+        _check_values(info)
+        if key is not None:
+            from .store import atomic_path
+
+            try:
+                with atomic_path(record) as tmp:
+                    tmp.write_text(json.dumps([*keys, key][-_CHECKED_KEPT:]), encoding="utf-8")
+            except OSError:
+                pass  # not remembered: checked again next time
     if key is not None:
         _checked.add(key)
 

@@ -78,3 +78,23 @@ def test_gemma_run_refuses_them_in_one_line(mutants, name):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0]
     assert MUTANTS[name][1] in lines[0], lines[0]
+
+
+def test_a_checked_file_is_remembered_and_a_changed_one_checked_again(tmp_path, monkeypatch):
+    from gemma_chat import gguf_file
+
+    monkeypatch.setenv("GEMMA_HOME", str(tmp_path / "home"))
+    path = write_gguf(tmp_path / "ok.gguf")
+    reads = []
+    original = gguf_file.GGUFInfo.read_array
+    monkeypatch.setattr(gguf_file.GGUFInfo, "read_array",
+                        lambda self, key: reads.append(key) or original(self, key))
+    check_gemma(read_gguf(path))
+    assert "tokenizer.ggml.tokens" in reads
+    reads.clear()
+    gguf_file._checked.clear()  # as a new process would start
+    check_gemma(read_gguf(path))
+    assert reads == []  # answered from GEMMA_HOME/checked-gguf.json
+    write_gguf(path, {"gemma3.block_count": ("u32", 0)})  # the file changes: checked again
+    with pytest.raises(InvalidModelFile, match="block_count"):
+        check_gemma(read_gguf(path))
