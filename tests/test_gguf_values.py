@@ -98,3 +98,17 @@ def test_a_checked_file_is_remembered_and_a_changed_one_checked_again(tmp_path, 
     write_gguf(path, {"gemma3.block_count": ("u32", 0)})  # the file changes: checked again
     with pytest.raises(InvalidModelFile, match="block_count"):
         check_gemma(read_gguf(path))
+
+
+def test_a_vocabulary_only_file_is_not_called_truncated(tmp_path):
+    import gguf
+
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<pad>", "<eos>", "<bos>"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    info = read_gguf(path)  # no tensors, and no padding after the header
+    assert info.tensor_count == 0 and info.read_array("tokenizer.ggml.tokens")[2] == "<bos>"
