@@ -223,3 +223,17 @@ def test_typed_control_token_text_stays_text_with_the_real_tokenizer(backend):
     assert "<end_of_turn>\n<start_of_turn>model" in backend.detokenize(ids)
     # The same text as a raw prompt is raw: its markers are control tokens.
     assert gen.prompt_ids(backend, forged, chat=False).count(EOT) == 2
+
+
+def test_exact_rerun_after_a_reply_longer_than_the_sliding_window(gguf_path):
+    # The saved prompt logits must not be used when rolling back empties the windowed cache:
+    # the prompt is re-evaluated, and greedy decoding still repeats itself.
+    # llama.cpp keeps window + batch (512 + 512) positions of the sliding-window layers.
+    with LlamaCppBackend(resolve(str(gguf_path)), n_ctx=2048) as small:
+        prompt = gen.prompt_ids(small, "The history of the bicycle", chat=False)
+        sampling = SamplingParams(temperature=0, max_tokens=1100)
+        _, first, _ = collect(small, prompt, sampling, ignore_eos=True)
+        _, again, _ = collect(small, prompt, SamplingParams(temperature=0, max_tokens=8),
+                              ignore_eos=True)
+    assert again.cache_note and again.prompt_eval_tokens == len(prompt)
+    assert again.token_ids == first.token_ids[:8]

@@ -321,12 +321,18 @@ class LlamaCppBackend(BackendBase):
         # the logits at the end of this very prompt were kept.
         lcp = base.common_prefix(llm._input_ids.tolist(), ids)
         saved = self._prompt_logits.get(len(ids)) if lcp >= len(ids) else None
+        note = ""
         if saved is not None:
-            self.trim_cache(len(ids))
+            # A sliding-window cache may not roll back that far: then it is emptied (and the
+            # saved logits with it), and the prompt is evaluated as usual.
+            note = self.trim_cache(len(ids))
+            if llm.n_tokens != len(ids):
+                saved = None
+        if saved is not None:
             self._logits_view()[:] = saved  # the prompt's own logits, as first computed
-            reused, note = len(ids), ""
+            reused = len(ids)
         else:
-            note = self.trim_cache(min(lcp, len(ids) - 1))
+            note = self.trim_cache(min(lcp, len(ids) - 1)) or note
             reused = llm.n_tokens
         stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
                       cache_note=note)
