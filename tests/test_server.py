@@ -57,8 +57,9 @@ def client(served):
 
 def post(served, path, body, key=KEY, **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    kw.setdefault("timeout", 120)
     return httpx.post(served[0] + path, content=body if isinstance(body, (bytes, str))
-                      else json.dumps(body), headers=headers, timeout=120, **kw)
+                      else json.dumps(body), headers=headers, **kw)
 
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -208,6 +209,18 @@ def test_client_disconnect_stops_generation_and_the_next_request_is_served(serve
     ok = client.completions.create(model="gemma-3-270m", prompt="Hi", max_tokens=4)
     assert ok.choices[0].text is not None and time.time() - start < 10
     assert httpx.get(served[0] + "/health").json()["cancelled"] > before
+
+
+def test_a_non_streamed_request_stops_when_its_client_gives_up(served):
+    before = httpx.get(served[0] + "/health").json()["cancelled"]
+    body = {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # 1500 tokens take ~30 s; the client waits 1 s
+        post(served, "/v1/completions", body, timeout=1.0)
+    deadline = time.time() + 10
+    while httpx.get(served[0] + "/health").json()["busy"] and time.time() < deadline:
+        time.sleep(0.1)
+    health = httpx.get(served[0] + "/health").json()
+    assert not health["busy"] and health["cancelled"] == before + 1
 
 
 def test_bounded_load_8_clients_x_5_requests(served):
