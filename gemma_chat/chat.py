@@ -4,11 +4,16 @@
     for chunk in convo.send("Hi!", SamplingParams()):
         print(chunk.text, end="")
 
-The prompt for turn N is the ids of the earlier turns (each user turn as rendered, the reply ids
-the model generated, ``<end_of_turn>\\n``) followed by the tokens of the new user turn.
-Re-tokenizing a stripped reply could give other ids and defeat the KV cache's prefix match;
-keeping the ids means each turn evaluates only its new tokens. After ``undo``, ``retry`` or a
-context trim the backend re-uses the longest common prefix of what it has cached.
+The prompt for turn N is the ids of the earlier turns followed by the tokens of the new user
+turn. For Gemma 1-3 an earlier turn is the user turn as rendered, the reply ids the model
+generated and ``<end_of_turn>\\n``: re-tokenizing a stripped reply could give other ids and defeat
+the KV cache's prefix match; keeping the ids means each turn evaluates only its new tokens.
+Gemma 4's template renders an earlier reply without its thoughts (and without the empty thought
+channel of the generation prompt), so there the history is the template's, and a turn
+re-evaluates from the start of the previous model turn: its answer, then the new user turn.
+A thinking model's thoughts are kept apart from the reply (``Exchange.thoughts``). After
+``undo``, ``retry`` or a context trim the backend re-uses the longest common prefix of what it
+has cached.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 from .backends.base import Backend, Chunk, SamplingParams, Stats
 from .errors import ContextOverflow, InvalidArgument
 from .prompt import PromptBuilder
+from .thinking import split_thoughts
 
 #: Room kept for the reply when the conversation is trimmed to fit, if max_tokens is not set.
 DEFAULT_REPLY_RESERVE = 512
@@ -29,20 +35,26 @@ class Exchange:
     """One user turn and the model's reply to it."""
 
     user: str
-    reply: str = ""
-    reply_ids: list[int] = field(default_factory=list)
+    reply: str = ""  # the answer, thoughts left out
+    reply_ids: list[int] = field(default_factory=list)  # every generated id, thoughts included
     interrupted: bool = False
+    thoughts: str = ""
 
     def to_dict(self) -> dict[str, object]:
-        return {"user": self.user, "reply": self.reply, "interrupted": self.interrupted}
+        out: dict[str, object] = {"user": self.user, "reply": self.reply,
+                                  "interrupted": self.interrupted}
+        if self.thoughts:
+            out["thoughts"] = self.thoughts
+        return out
 
 
 class Conversation:
     """The exchanges of one chat, their token ids, and ``send`` to add one more."""
 
-    def __init__(self, backend: Backend, system: str | None = None):
+    def __init__(self, backend: Backend, system: str | None = None, thinking: bool = False):
         self.backend = backend
         self.system = system or None
+        self.thinking = thinking
         self.exchanges: list[Exchange] = []
         self.last_stats: Stats | None = None
         self.dropped = 0  # exchanges the last send dropped to fit the context
@@ -53,11 +65,12 @@ class Conversation:
     def ids_for(self, exchanges: list[Exchange], pending: str | None = None) -> list[int]:
         """The token ids of ``exchanges`` and, when given, a new user turn awaiting a reply."""
         ids: list[int] = []
-        turn, closing = self.prompts.user_turn, self.prompts.closing
         for i, ex in enumerate(exchanges):
-            ids += turn(ex.user, first=i == 0, system=self.system) + ex.reply_ids + closing
+            ids += self.prompts.exchange(ex.user, ex.reply, ex.reply_ids, first=i == 0,
+                                         system=self.system, thinking=self.thinking)
         if pending is not None:
-            ids += turn(pending, first=not exchanges, system=self.system)
+            ids += self.prompts.user_turn(pending, first=not exchanges, system=self.system,
+                                          thinking=self.thinking)
         return ids
 
     @property
@@ -79,7 +92,8 @@ class Conversation:
         whitespace the template strips from replies)."""
         if not self.exchanges:
             return ""
-        return "".join(self.prompts.format.parts(self.messages, add_generation_prompt=False))
+        return "".join(self.prompts.format.parts(self.messages, add_generation_prompt=False,
+                                                 thinking=self.thinking))
 
     # -- fitting the context --------------------------------------------------------------
 
@@ -111,17 +125,19 @@ class Conversation:
         reserve = min(sampling.max_tokens or DEFAULT_REPLY_RESERVE,
                       self.backend.info.n_ctx // 4)
         kept, prompt = self._fit(text, reserve)
-        stream = self.backend.stream(prompt, sampling, **options)
+        stream = split_thoughts(self.backend.stream(prompt, sampling, **options),
+                                self.prompts.thought_ids)
         self.dropped = len(self.exchanges) - len(kept)
         self.exchanges = kept
         exchange = Exchange(text)
         pieces: list[str] = []
+        thoughts: list[str] = []
         finished = False
         try:
             for chunk in stream:
                 # Recorded as it is handed out: after Ctrl-C the exchange holds what was shown.
                 exchange.reply_ids.extend(chunk.token_ids)
-                pieces.append(chunk.text)
+                (thoughts if chunk.thought else pieces).append(chunk.text)
                 if chunk.stats is not None:
                     self.last_stats = chunk.stats
                     exchange.reply_ids = list(chunk.stats.token_ids)
@@ -129,6 +145,7 @@ class Conversation:
                 yield chunk
         finally:
             exchange.reply = "".join(pieces)
+            exchange.thoughts = "".join(thoughts)
             exchange.interrupted = not finished
             self.exchanges.append(exchange)
 
@@ -150,6 +167,13 @@ class Conversation:
 
     def set_system(self, system: str | None) -> None:
         self.system = system or None
+
+    def set_thinking(self, on: bool) -> None:
+        """Thinking on or off for the next turns (the model must be able to think)."""
+        if on and not self.prompts.can_think:
+            raise InvalidArgument(f"{self.backend.info.name} has no thinking mode (Gemma 4 "
+                                  "models think)")
+        self.thinking = on
 
     def rebind(self, backend: Backend) -> None:
         """Move to another model: replies are re-tokenized with its vocabulary."""

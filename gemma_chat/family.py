@@ -1,7 +1,7 @@
 """What differs between Gemma generations, in one place: architectures, the config model types
-that name them, sliding-window layer patterns, query scaling, end-of-turn ids, and the newer
-Hugging Face config form. The backends, the converter, the memory estimate, the catalogue and
-the prompt formats all read it from here.
+that name them, sliding-window layer patterns, query scaling, the prompt format and tokenizer,
+whether the model can think, and the newer Hugging Face config form. The backends, the
+converter, the memory estimate, the catalogue and the prompt formats all read it from here.
 
     arch = architecture_of("gemma3_text")          # "gemma3"
     GEMMA["gemma3"].sliding_window_pattern         # 6: five sliding layers, then one global
@@ -17,18 +17,29 @@ class Architecture:
     """One llama.cpp architecture of the Gemma family."""
 
     name: str  # llama.cpp's architecture name, as GGUF files declare it
-    generation: str  # "1", "2", "3"
+    generation: str  # "1", "2", "3", "3n", "4"
     model_types: tuple[str, ...]  # config.json model types that are this architecture
     mlx_model_type: str  # what mlx-lm calls its text model
     sliding_window_pattern: int  # every Nth layer is global, the others sliding; 0: none
     big_layers: int | None  # the 27B's layer count: its queries are scaled by hidden / heads
-    end_of_turn_id: int  # <end_of_turn>
+    end_of_turn: str  # the control token that ends a turn
+    prompt_format: str = "gemma"  # a key of gemma_chat.prompt.FORMATS
+    tokenizer: str = "llama"  # GGUF tokenizer.ggml.model: SentencePiece ("llama") or BPE
+    thinks: bool = False  # has a thinking mode (off unless asked for)
 
 
 GEMMA: dict[str, Architecture] = {
-    "gemma": Architecture("gemma", "1", ("gemma",), "gemma", 0, None, 107),
-    "gemma2": Architecture("gemma2", "2", ("gemma2",), "gemma2", 2, 46, 106),
-    "gemma3": Architecture("gemma3", "3", ("gemma3", "gemma3_text"), "gemma3_text", 6, 62, 106),
+    "gemma": Architecture("gemma", "1", ("gemma",), "gemma", 0, None, "<end_of_turn>"),
+    "gemma2": Architecture("gemma2", "2", ("gemma2",), "gemma2", 2, 46, "<end_of_turn>"),
+    "gemma3": Architecture("gemma3", "3", ("gemma3", "gemma3_text"), "gemma3_text", 6, 62,
+                           "<end_of_turn>"),
+    # Gemma 3n: Gemma 3's prompt format and vocabulary; per-layer embeddings, AltUp, KV sharing.
+    "gemma3n": Architecture("gemma3n", "3n", ("gemma3n", "gemma3n_text"), "gemma3n", 5, None,
+                            "<end_of_turn>"),
+    # Gemma 4: native system turn, thinking, a BPE vocabulary with other control tokens. Its
+    # sliding-window pattern differs between sizes: the model file lists it per layer.
+    "gemma4": Architecture("gemma4", "4", ("gemma4", "gemma4_text"), "gemma4_text", 6, None,
+                           "<turn|>", prompt_format="gemma4", tokenizer="gemma4", thinks=True),
 }
 
 #: config.json ``model_type`` -> architecture name.

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from .backends.base import Backend, SamplingParams, Stats, apply_model_defaults, collect
 from .errors import InvalidArgument
 from .prompt import PromptBuilder
+from .thinking import split_thoughts
 
 #: A pretrained (base) model never ends its turn on its own: without --max-tokens, stop here.
 PT_DEFAULT_MAX_TOKENS = 256
@@ -36,8 +37,21 @@ def valid_text(text: str, what: str) -> str:
     return text
 
 
-def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids for ``text``: in the model's chat format when ``chat``, else as raw text.
+def thinking_mode(prompts: PromptBuilder, think: bool | None, *, chat: bool) -> bool:
+    """Whether to think: ``--think``/``--no-think``, else the model's default (off). Asking a
+    model without a thinking mode to think, or to think on a raw prompt, is an error."""
+    if think and not prompts.can_think:
+        raise InvalidArgument(f"{prompts.backend.info.name} has no thinking mode (Gemma 4 "
+                              "models think); drop --think")
+    if think and not chat:
+        raise InvalidArgument("--think needs the chat template (drop --raw)")
+    return bool(think)
+
+
+def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = None,
+               thinking: bool = False) -> list[int]:
+    """Token ids for ``text``: in the model's chat format when ``chat`` (with thinking on when
+    ``thinking``), else as raw text.
 
     Either way the ids hold exactly one BOS.
     """
@@ -48,7 +62,7 @@ def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = 
         messages = [{"role": "user", "content": text}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
-        return prompts.chat(messages)
+        return prompts.chat(messages, thinking=thinking)
     if system:
         raise InvalidArgument("--system needs the chat template (drop --raw, or use an IT model)")
     return prompts.raw(text)
@@ -79,7 +93,22 @@ def generate(
     ids: Sequence[int],
     sampling: SamplingParams,
     write: Callable[[str], object],
+    *,
+    thought_ids: tuple[int, int] | None = None,
+    thoughts: Callable[[object], object] | None = None,
     **options: object,
 ) -> tuple[str, Stats]:
-    """Stream a generation into ``write``; return the full text and the stats."""
-    return collect(backend.stream(ids, sampling, **options), write)
+    """Stream a generation into ``write``; return the answer text and the stats. With
+    ``thought_ids`` (a thinking model's channel markers) the thoughts are kept out of the
+    answer and each thought chunk goes to ``thoughts``."""
+    chunks = split_thoughts(backend.stream(ids, sampling, **options), thought_ids)
+    if thoughts is not None:
+        chunks = _tap_thoughts(chunks, thoughts)
+    return collect(chunks, write)
+
+
+def _tap_thoughts(chunks, thoughts):
+    for chunk in chunks:
+        if chunk.thought:
+            thoughts(chunk)
+        yield chunk

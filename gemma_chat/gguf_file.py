@@ -401,9 +401,14 @@ def _check_values(info: GGUFInfo) -> None:
 
 def _check_vocabulary(info: GGUFInfo, n_embd: int) -> None:
     model = info.metadata.get("tokenizer.ggml.model")
-    if model != "llama":
-        raise _refuse(info, "tokenizer.ggml.model", model, "is not Gemma's SentencePiece "
-                      "tokenizer ('llama')")
+    expected = GEMMA[info.architecture].tokenizer
+    if model != expected:
+        raise _refuse(info, "tokenizer.ggml.model", model, f"is not the {info.architecture} "
+                      f"tokenizer ({expected!r})")
+    if expected != "llama" and info.arrays.get("tokenizer.ggml.merges", (None,))[0] \
+            != GGUFValueType.STRING:
+        raise InvalidModelFile(f"{info.path.name}: tokenizer.ggml.merges is missing or not a "
+                               "list of strings (a damaged or wrongly written GGUF file)")
     if info.arrays.get("tokenizer.ggml.tokens", (None,))[0] != GGUFValueType.STRING:
         raise InvalidModelFile(f"{info.path.name}: tokenizer.ggml.tokens is missing or not a "
                                "list of strings (a damaged or wrongly written GGUF file)")

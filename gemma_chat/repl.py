@@ -37,14 +37,36 @@ SETTINGS = {
 
 # -- output -------------------------------------------------------------------------------
 
-class PlainRenderer:
-    """Reply text as it arrives, unformatted (pipes, ``--plain``)."""
+def thought_summary(seconds: float, tokens: int) -> str:
+    """The line a finished thought collapses to."""
+    return f"thought for {seconds:.1f} s, {tokens} token{'s' * (tokens != 1)}"
 
-    def __init__(self, out: TextIO = sys.stdout):
+
+class PlainRenderer:
+    """Reply text as it arrives, unformatted (pipes, ``--plain``); thoughts go to ``err``,
+    labelled, so stdout holds only the answer."""
+
+    def __init__(self, out: TextIO = sys.stdout, err: TextIO | None = None):
         self.out = out
+        self.err = err
+        self._thinking = False
 
     def start(self) -> None:
-        pass
+        self._thinking = False
+
+    def think(self, text: str) -> None:
+        err = self.err or sys.stderr
+        if not self._thinking:
+            err.write("[thinking] ")
+            self._thinking = True
+        err.write(text)
+        err.flush()
+
+    def thought(self, summary: str) -> None:
+        err = self.err or sys.stderr
+        err.write(("\n" if self._thinking else "") + f"[{summary}]\n")
+        err.flush()
+        self._thinking = False
 
     def feed(self, text: str) -> None:
         self.out.write(text)
@@ -89,9 +111,30 @@ class MarkdownRenderer:
         from rich.live import Live
 
         self.text = ""
+        self.thoughts = ""
         self.live = Live(console=self.console, auto_refresh=False, transient=True,
                          vertical_overflow="visible")
         self.live.start()
+
+    def think(self, text: str) -> None:
+        """Thoughts stream in a dim, labelled region, replaced by one line when they end."""
+        import time
+
+        from rich.text import Text
+
+        self.thoughts += text
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.live.update(_Tail(Text("thinking...\n" + self.thoughts, style="dim italic")),
+                             refresh=True)
+
+    def thought(self, summary: str) -> None:
+        from rich.text import Text
+
+        self.live.update(Text(""), refresh=True)
+        self.console.print(Text(summary, style="dim"))
+        self.thoughts = ""
 
     def feed(self, text: str) -> None:
         import time
@@ -111,6 +154,38 @@ class MarkdownRenderer:
             self.live.stop()
             self.live = None
         self.console.print(Markdown(self.text))
+
+
+class ThoughtView:
+    """Routes a stream's chunks to a renderer: thoughts to its thinking region (or nowhere,
+    when hidden), and, when the answer starts, the one-line summary they collapse to."""
+
+    def __init__(self, renderer, show: bool = True):
+        self.renderer, self.show_thoughts = renderer, show
+        self.start: float | None = None
+        self.tokens = 0
+        self.elapsed = 0.0
+
+    def show(self, chunk) -> None:
+        import time
+
+        if chunk.thought:
+            if self.start is None:
+                self.start = time.monotonic()
+            self.tokens += len(chunk.token_ids)
+            self.elapsed = time.monotonic() - self.start
+            if chunk.text and self.show_thoughts:
+                self.renderer.think(chunk.text)
+            return
+        if chunk.text:
+            self.done()
+            self.renderer.feed(chunk.text)
+
+    def done(self) -> None:
+        """Collapse the thoughts, if any are still open."""
+        if self.start is not None:
+            self.renderer.thought(thought_summary(self.elapsed, self.tokens))
+            self.start = None
 
 
 # -- the session ----------------------------------------------------------------------------
@@ -136,6 +211,7 @@ class ChatApp:
         load_model: Callable[[str], Backend] | None = None,
         autosave: sessions.Autosave | None = None,
         editor: Callable[[str], str] | None = None,
+        show_thinking: bool = True,
     ):
         self.backend = backend
         self.conversation = conversation
@@ -148,6 +224,7 @@ class ChatApp:
         self.editor = editor or edit_in_editor
         self.created = sessions.now()
         self.replies = 0
+        self.show_thinking = show_thinking
 
     # -- turns --
 
@@ -170,17 +247,19 @@ class ChatApp:
             n = self.conversation.dropped
             self.note(f"(dropped the {n} oldest exchange{'s' * (n > 1)} to fit the context)")
         self.renderer.start()
+        view = ThoughtView(self.renderer, self.show_thinking)
         try:
-            if first is not None and first.text:
-                self.renderer.feed(first.text)
+            for chunk in ([first] if first is not None else []):
+                view.show(chunk)
             for chunk in stream:
-                if chunk.text:
-                    self.renderer.feed(chunk.text)
+                view.show(chunk)
         except KeyboardInterrupt:
             stream.close()  # records the partial reply, marked interrupted
+            view.done()
             self.renderer.end()
             self.note("[interrupted]")
         else:
+            view.done()
             self.renderer.end()
             self.replies += 1
         stats = self.conversation.last_stats
@@ -250,8 +329,24 @@ class ChatApp:
             return
         self.conversation.set_system(None if arg.lower() in ("off", "none") else arg)
         self._record({"type": "system", "system": self.conversation.system})
+        folded = self.conversation.prompts.format.name == "gemma"
         self.note("(system prompt removed)" if self.conversation.system is None
-                  else "(system prompt set; Gemma folds it into the first user turn)")
+                  else "(system prompt set; Gemma folds it into the first user turn)" if folded
+                  else "(system prompt set)")
+
+    def cmd_think(self, arg: str) -> None:
+        convo = self.conversation
+        if not arg:
+            state = "on" if convo.thinking else "off"
+            can = "" if convo.prompts.can_think else f" ({self.backend.info.name} cannot think)"
+            self.note(f"thinking is {state}{can}; /think on|off switches it")
+            return
+        if arg.lower() not in ("on", "off"):
+            raise_usage("usage: /think on|off")
+        convo.set_thinking(arg.lower() == "on")
+        self._record({"type": "thinking", "thinking": convo.thinking})
+        self.note("(thinking on: the model thinks before it answers)" if convo.thinking
+                  else "(thinking off)")
 
     def cmd_undo(self, arg: str) -> None:
         if self.conversation.undo() is None:
@@ -291,6 +386,8 @@ class ChatApp:
                      f"({stats.prompt_eval_tokens} evaluated, {stats.cached_tokens} from the KV "
                      f"cache), ttft {stats.ttft_s * 1000:.0f} ms, {stats.generated_tokens} tokens "
                      f"at {stats.decode_tps:.1f} t/s, stop: {stats.stop_reason}")
+            if stats.thought_tokens:
+                line += f"; {thought_summary(stats.thinking_s, stats.thought_tokens)}"
             if stats.cache_note:
                 line += f" ({stats.cache_note})"
         self.note(line)
@@ -404,6 +501,8 @@ COMMANDS: dict[str, Command] = {
     "/help": Command(ChatApp.cmd_help, "/help", "this help"),
     "/clear": Command(ChatApp.cmd_clear, "/clear", "start a new conversation"),
     "/system": Command(ChatApp.cmd_system, "/system [TEXT|off]", "show or set the system prompt"),
+    "/think": Command(ChatApp.cmd_think, "/think [on|off]", "let a thinking model (Gemma 4) "
+                      "think before it answers"),
     "/retry": Command(ChatApp.cmd_retry, "/retry", "regenerate the last answer"),
     "/undo": Command(ChatApp.cmd_undo, "/undo", "drop the last exchange"),
     "/save": Command(ChatApp.cmd_save, "/save FILE", "save the conversation (and its KV state)"),

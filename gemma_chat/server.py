@@ -34,6 +34,7 @@ from .backends.base import Backend, Chunk, SamplingParams, Stats
 from .errors import GemmaChatError, InvalidMessages
 from .generate import default_sampling
 from .prompt import PromptBuilder
+from .thinking import split_thoughts
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 4
@@ -95,6 +96,7 @@ class Job:
     sampling: SamplingParams
     stops: list[str] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
+    thought_ids: tuple[int, int] | None = None  # a thinking model's channel markers
 
 
 @dataclass
@@ -247,6 +249,28 @@ class Server:
                                 "strings", param="stop")
         return stops
 
+    def thinking(self, data: dict) -> bool:
+        """Thinking for this request: ``chat_template_kwargs.enable_thinking`` (vLLM's and
+        llama-server's switch) or ``reasoning_effort`` (any effort but "none" thinks); off by
+        default, as the model's own template has it. Ignored by models that cannot think."""
+        kwargs = data.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise APIError(400, "chat_template_kwargs must be an object",
+                           param="chat_template_kwargs")
+        enable = (kwargs or {}).get("enable_thinking")
+        effort = data.get("reasoning_effort")
+        if enable is not None and not isinstance(enable, bool):
+            raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false",
+                           param="chat_template_kwargs")
+        if effort is not None and effort not in ("none", "minimal", "low", "medium", "high"):
+            raise APIError(400, "reasoning_effort must be none, minimal, low, medium or high",
+                           param="reasoning_effort")
+        if not self.prompts.can_think:
+            return False
+        if enable is not None:
+            return enable
+        return effort is not None and effort != "none"
+
     def chat_prompt(self, data: dict) -> list[int]:
         """Token ids of the model's chat format over ``messages``. Leading system (or
         developer) messages are joined into one."""
@@ -266,7 +290,7 @@ class Server:
                     normalized[0]["content"] += "\n\n" + content
                     continue
                 normalized.append({"role": role, "content": content})
-            return self.prompts.chat(normalized)
+            return self.prompts.chat(normalized, thinking=self.thinking(data))
         except InvalidMessages as exc:
             raise APIError(400, f"invalid messages: {exc}", param="messages") from None
 
@@ -280,8 +304,10 @@ class Server:
 
     # -- generation ---------------------------------------------------------------------------
 
-    async def generate(self, job: Job) -> AsyncIterator[tuple[str, Stats | None, str | None]]:
-        """Yield (text, stats, finish_reason) as the model writes; one request at a time.
+    async def generate(self, job: Job) \
+            -> AsyncIterator[tuple[str, Stats | None, str | None, bool]]:
+        """Yield (text, stats, finish_reason, thought) as the model writes; one request at a
+        time. A thinking model's thoughts come apart (``thought``), never cut by stop strings.
 
         The backend runs in a worker thread; if the consumer stops early (a client
         disconnected), the generation is cancelled and the lock is released when the worker
@@ -292,7 +318,8 @@ class Server:
 
         def worker() -> None:
             try:
-                for chunk in backend.stream(job.prompt, job.sampling, cancel=job.cancel):
+                chunks = backend.stream(job.prompt, job.sampling, cancel=job.cancel)
+                for chunk in split_thoughts(chunks, job.thought_ids):
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except BaseException as exc:  # handed to the event loop, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -312,7 +339,7 @@ class Server:
             self.lock.release()
             self.jobs.discard(job)
             self.counters.cancelled += 1
-            yield "", None, "cancelled"
+            yield "", None, "cancelled", False
             return
         future = loop.run_in_executor(None, worker)
         future.add_done_callback(lambda _: self.jobs.discard(job))
@@ -327,22 +354,27 @@ class Server:
                 if isinstance(item, BaseException):
                     raise item
                 chunk: Chunk = item
-                text, hit = stops.feed(chunk.text)
+                if chunk.thought:
+                    if chunk.text:
+                        yield chunk.text, None, None, True
+                    if chunk.stats is None:
+                        continue
+                text, hit = stops.feed("" if chunk.thought else chunk.text)
                 if hit:
                     job.cancel.set()
                     stats = await self._drain(queue)
                     done = True
-                    yield text, stats, "stop"
+                    yield text, stats, "stop", False
                     return
                 if chunk.stats is not None:
                     text += stops.flush()
                     done = True
                     if chunk.stats.stop_reason == "cancelled":  # client gone, or shutdown
                         self.counters.cancelled += 1
-                    yield text, chunk.stats, chunk.finish_reason
+                    yield text, chunk.stats, chunk.finish_reason, False
                     return
                 if text:
-                    yield text, None, None
+                    yield text, None, None, False
         finally:
             self.counters.served += 1
             if not done:
@@ -424,9 +456,10 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
                 "model": data.get("model") or server.names[0]}
         chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
-        def piece(text: str, reason: str | None) -> dict:
+        def piece(text: str, reason: str | None, thought: bool = False) -> dict:
             if chat:
-                return {"index": 0, "delta": {"content": text} if text else {},
+                key = "reasoning_content" if thought else "content"
+                return {"index": 0, "delta": {key: text} if text else {},
                         "finish_reason": reason}
             return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
 
@@ -439,14 +472,16 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
                         {"index": 0, "delta": {"role": "assistant", "content": ""},
                          "finish_reason": None}]})
                 stats = None
-                async for text, stats_, reason in server.generate(job):
+                async for text, stats_, reason, thought in server.generate(job):
                     stats = stats_ or stats
                     if reason == "cancelled":  # the server is shutting down
                         yield sse({"error": SHUTTING_DOWN})
                         break
+                    if thought and not chat:
+                        continue  # a text completion has no place for thoughts
                     if text or reason:
                         yield sse({**base, "object": chunk_object,
-                                   "choices": [piece(text, reason)]})
+                                   "choices": [piece(text, reason, thought)]})
                 if include_usage:
                     yield sse({**base, "object": chunk_object, "choices": [],
                                "usage": usage(len(job.prompt), stats)})
@@ -454,19 +489,21 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        pieces, stats, reason = [], None, "stop"
+        pieces, thoughts, stats, reason = [], [], None, "stop"
         watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
-            async for text, stats_, reason_ in server.generate(job):
-                pieces.append(text)
+            async for text, stats_, reason_, thought in server.generate(job):
+                (thoughts if thought else pieces).append(text)
                 stats, reason = stats_ or stats, reason_ or reason
         finally:
             watcher.cancel()
         if reason == "cancelled":  # the client left (nobody reads this), or shutdown
             return JSONResponse({"error": SHUTTING_DOWN}, status_code=503)
         text = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                   "finish_reason": reason} if chat else
+        message = {"role": "assistant", "content": text}
+        if thoughts and "".join(thoughts):
+            message["reasoning_content"] = "".join(thoughts)
+        choice = ({"index": 0, "message": message, "finish_reason": reason} if chat else
                   {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
                              "choices": [choice], "usage": usage(len(job.prompt), stats)})
@@ -481,7 +518,8 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
             server.check_size(data)
             # Tokenizing a long prompt takes a while: off the event loop, which keeps serving.
             prompt = await asyncio.to_thread(build_prompt, data)
-            job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data))
+            job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data),
+                      thought_ids=server.prompts.thought_ids)
             return await respond(request, data, job, chat=chat)
 
         return endpoint

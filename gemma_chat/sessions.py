@@ -60,6 +60,7 @@ class Saved:
     kv_path: Path | None = None
     path: Path | None = None
     kv_tokens: int | None = None  # tokens in the KV state, as recorded when it was saved
+    thinking: bool = False  # the conversation had thinking on
 
 
 def conversations_dir() -> Path:
@@ -85,7 +86,7 @@ def save(convo: Conversation, path: Path, sampling: dict[str, object],
     record = {
         "format": FORMAT, "version": VERSION, "created": created or now(), "saved": now(),
         "model": _model_record(convo), "system": convo.system, "sampling": sampling,
-        "messages": convo.messages,
+        "thinking": convo.thinking, "messages": convo.messages,
         "exchanges": [{**ex.to_dict(), "reply_ids": ex.reply_ids} for ex in convo.exchanges],
         "kv_state": None,
     }
@@ -121,8 +122,10 @@ def _exchanges_from(records: object, where: Path) -> list[Exchange]:
         if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
                                               for i in ids)):
             ids = []
+        thoughts = rec.get("thoughts", "")
         out.append(Exchange(rec["user"], rec.get("reply", ""), list(ids),
-                            bool(rec.get("interrupted", False))))
+                            bool(rec.get("interrupted", False)),
+                            thoughts if isinstance(thoughts, str) else ""))
     return out
 
 
@@ -162,7 +165,8 @@ def load(path: Path) -> Saved:
                  _mapping(record.get("model")), _mapping(record.get("sampling")),
                  record.get("created") if isinstance(record.get("created"), str) else None,
                  _kv_state(record, path), path,
-                 record["kv_tokens"] if isinstance(record.get("kv_tokens"), int) else None)
+                 record["kv_tokens"] if isinstance(record.get("kv_tokens"), int) else None,
+                 thinking=record.get("thinking") is True)
 
 
 def _read_bounded(path: Path) -> str:
@@ -241,7 +245,7 @@ class Autosave:
         self.path = self.folder / f"{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
         self._write({"type": "header", "format": FORMAT, "version": VERSION, "created": now(),
                      "model": _model_record(convo), "system": convo.system,
-                     "sampling": sampling})
+                     "sampling": sampling, "thinking": convo.thinking})
         for ex in convo.exchanges:  # a resumed or loaded conversation starts with its history
             self._write({"type": "exchange", **ex.to_dict(), "reply_ids": ex.reply_ids})
 
@@ -290,6 +294,7 @@ class Autosave:
 def _load_autosave(path: Path, text: str) -> Saved:
     header: dict = {}
     system = None
+    thinking = False
     exchanges: list[Exchange] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -303,18 +308,22 @@ def _load_autosave(path: Path, text: str) -> Saved:
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "header":
             header, system = event, event.get("system")
+            thinking = event.get("thinking") is True
             system = system if isinstance(system, str) else None
         elif kind == "exchange":
             exchanges += _exchanges_from([event], path)
         elif kind == "system":
             system = event.get("system") if isinstance(event.get("system"), str) else None
+        elif kind == "thinking":
+            thinking = event.get("thinking") is True
         elif kind == "undo" and exchanges:
             exchanges.pop()
     if header.get("format") != FORMAT:
         raise InvalidArgument(f"{path} is not a gemma-chat conversation")
     created = header.get("created")
     return Saved(system, exchanges, _mapping(header.get("model")), _mapping(header.get("sampling")),
-                 created if isinstance(created, str) else None, None, path)
+                 created if isinstance(created, str) else None, None, path,
+                 thinking=thinking)
 
 
 def recent(limit: int = 20) -> list[Path]:
@@ -359,6 +368,8 @@ def restore(convo: Conversation, saved: Saved) -> str:
         where = saved.path or "the conversation"
         raise InvalidArgument(f"{where} holds token ids outside this model's vocabulary")
     convo.set_system(saved.system)
+    if saved.thinking and convo.prompts.can_think:
+        convo.thinking = True
     convo.exchanges = saved.exchanges
     if not same_model:
         convo.rebind(convo.backend)  # reply ids belong to another vocabulary: re-tokenize

@@ -4,11 +4,11 @@
     backend.enqueue("Hello there!", "Second reply")
     text, stats = collect(backend.stream(prompt, SamplingParams(temperature=0)))
 
-It tokenizes one character per token (ids 1000 + code point) with Gemma 3's control tokens at
-their real ids, keeps a KV "cache" of the ids it has seen (so prefix reuse shows in the stats),
-honours ``max_tokens``, the context, stop ids and ``cancel``, and can wait between tokens to let
-tests interleave with a running generation. Never a feature's only test: the real-model tests
-cover every behaviour end to end.
+It tokenizes one character per token (ids 1000 + code point) with Gemma 3's (or, with
+``architecture="gemma4"``, Gemma 4's) control tokens at their real ids, keeps a KV "cache" of
+the ids it has seen (so prefix reuse shows in the stats), honours ``max_tokens``, the context,
+stop ids and ``cancel``, and can wait between tokens to let tests interleave with a running
+generation. Never a feature's only test: the real-model tests cover every behaviour end to end.
 """
 
 from __future__ import annotations
@@ -34,8 +34,13 @@ from gemma_chat.backends.base import (
 
 SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 105,
            "<end_of_turn>": 106}
-BY_ID = {v: k for k, v in SPECIAL.items()}
-OFFSET = 1000
+#: Gemma 4's control tokens at their ids in the real vocabulary (ggml-vocab-gemma-4.gguf).
+SPECIAL4 = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<|tool_call>": 48,
+            "<tool_call|>": 49, "<|tool_response>": 50, "<tool_response|>": 51, '<|"|>': 52,
+            "<|think|>": 98, "<|channel>": 100, "<channel|>": 101, "<|turn>": 105,
+            "<turn|>": 106, "<|tool>": 46, "<tool|>": 47, "<|image|>": 258880,
+            "<|audio|>": 258881, "<|video|>": 258884}
+OFFSET = 1000 + 0x100000  # above every special id
 
 
 class ScriptedBackend(BackendBase):
@@ -46,6 +51,8 @@ class ScriptedBackend(BackendBase):
         self.prompts: list[list[int]] = []  # every prompt it was given
         self.delay = delay
         self._cached: list[int] = []
+        self.special = SPECIAL4 if architecture == "gemma4" else SPECIAL
+        self.by_id = {v: k for k, v in self.special.items()}
         self.info = ModelInfo(
             name="scripted", path=Path("scripted.gguf"), backend=self.name,
             architecture=architecture, quantization="none", n_ctx=n_ctx, n_ctx_train=n_ctx,
@@ -62,9 +69,9 @@ class ScriptedBackend(BackendBase):
         ids, i = [], 0
         while i < len(text):
             if special:
-                hit = next((s for s in SPECIAL if text.startswith(s, i)), None)
+                hit = next((s for s in self.special if text.startswith(s, i)), None)
                 if hit:
-                    ids.append(SPECIAL[hit])
+                    ids.append(self.special[hit])
                     i += len(hit)
                     continue
             ids.append(OFFSET + ord(text[i]))
@@ -72,8 +79,8 @@ class ScriptedBackend(BackendBase):
         return ids
 
     def detokenize(self, ids: Sequence[int], *, special: bool = False) -> str:
-        return "".join(chr(t - OFFSET) if t >= OFFSET else (BY_ID.get(t, "") if special else "")
-                       for t in ids)
+        return "".join(chr(t - OFFSET) if t >= OFFSET else
+                       (self.by_id.get(t, "") if special else "") for t in ids)
 
     # -- the cache --------------------------------------------------------------------------
 
@@ -99,7 +106,8 @@ class ScriptedBackend(BackendBase):
                stop_ids: Sequence[int] | None = None,
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
         ids = checked_prompt(self, prompt)
-        stops = stop_set((1, 106), stop_ids, ignore_eos)
+        ends = (1, 106, 50) if self.info.architecture == "gemma4" else (1, 106)
+        stops = stop_set(ends, stop_ids, ignore_eos)
         reply = self.replies.popleft() if self.replies else "ok"
         self.prompts.append(ids)
         return self._generate(ids, sampling, reply, stops, logit_bias,

@@ -103,6 +103,8 @@ class Stats:
     stop_token: int | None = None  # the id that ended generation, when it was a stop token
     sampler: str = ""  # the sampler chain that ran, for the record
     cache_note: str = ""  # why the KV cache could not be re-used, when it could not
+    thought_tokens: int = 0  # of the generated tokens, those in the thought channel
+    thinking_s: float = 0.0  # from the first token to the end of the thoughts
 
     @property
     def cached_tokens(self) -> int:
@@ -130,11 +132,16 @@ class Stats:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of streamed text, the token ids behind it, and on the last chunk the stats."""
+    """A piece of streamed text, the token ids behind it, and on the last chunk the stats.
+
+    Every generated token comes in a chunk, control tokens too (with no text): a thinking
+    model's thought channel is told apart by them (:mod:`gemma_chat.thinking`, which marks
+    ``thought``)."""
 
     text: str
     token_ids: tuple[int, ...] = ()
     stats: Stats | None = None
+    thought: bool = False
 
     @property
     def finish_reason(self) -> str | None:
@@ -143,11 +150,12 @@ class Chunk:
 
 
 def collect(chunks: Iterable[Chunk], write=None) -> tuple[str, Stats]:
-    """Consume a stream: the whole text and the final stats (``write`` sees each piece)."""
+    """Consume a stream: the whole answer text (thoughts left out) and the final stats
+    (``write`` sees each piece)."""
     pieces: list[str] = []
     stats = None
     for chunk in chunks:
-        if chunk.text:
+        if chunk.text and not chunk.thought:
             pieces.append(chunk.text)
             if write is not None:
                 write(chunk.text)
@@ -180,6 +188,7 @@ class ModelInfo:
     gpu_layers: int = 0
     sampling_defaults: Mapping[str, float] = field(default_factory=dict)
     weight_repack: str = ""  # llama.cpp's CPU weight repacking, where the backend has one
+    chat_template: str = ""  # the model file's own template (never rendered but in a sandbox)
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)

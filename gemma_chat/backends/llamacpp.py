@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError, InvalidArgument, missing_extra
+from ..family import GEMMA
 from ..gguf_file import check_gemma, read_gguf
-from ..template import END_OF_TURN
 from . import base, repack
 from .base import BackendBase, Chunk, ModelInfo, Prompt, SamplingParams, Stats
 
@@ -146,9 +146,10 @@ class LlamaCppBackend(BackendBase):
         # last token alone, which a repacked-weight build computes with other kernels than the
         # batch did, so greedy output could change.
         self._prompt_logits: dict[int, np.ndarray] = {}
-        eot = self.tokenize(END_OF_TURN)
+        eot = self.tokenize(GEMMA[gguf.architecture].end_of_turn)
         self._eot = eot[0] if len(eot) == 1 else None
         self._eos = model.token_eos()
+        self._eog = self._end_of_generation(gguf)
         if offload and gpu_layers != 0:
             device = "metal" if sys.platform == "darwin" else "gpu"
         else:
@@ -172,7 +173,19 @@ class LlamaCppBackend(BackendBase):
             gpu_layers=gpu_layers if offload else 0,
             sampling_defaults=_sampling_from_metadata(gguf.metadata),
             weight_repack=self.repack.describe(),
+            chat_template=str(gguf.metadata.get("tokenizer.chat_template") or ""),
         )
+
+    def _end_of_generation(self, gguf) -> set[int]:
+        """The ids llama.cpp ends a generation on (``<eos>``, ``<end_of_turn>``; Gemma 4 also
+        ``<turn|>`` and ``<|tool_response>``), as the model file defines them: its control
+        tokens that llama.cpp's vocabulary marks end-of-generation."""
+        ends = {t for t in (self._eos, self._eot) if t is not None and t >= 0}
+        if "tokenizer.ggml.token_type" in gguf.arrays:
+            types = np.asarray(gguf.read_array("tokenizer.ggml.token_type"))
+            is_eog = llama_cpp.llama_vocab_is_eog
+            ends |= {int(t) for t in np.nonzero(types == 3)[0] if is_eog(self._vocab, int(t))}
+        return ends
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -309,7 +322,7 @@ class LlamaCppBackend(BackendBase):
         cancel: threading.Event | None = None,
     ) -> Iterator[Chunk]:
         ids = base.checked_prompt(self, prompt)
-        stops = base.stop_set((self._eos, self._eot), stop_ids, ignore_eos)
+        stops = base.stop_set(self._eog, stop_ids, ignore_eos)
         return self._generate(ids, sampling, stops, logit_bias, cancel or threading.Event())
 
     def _generate(self, ids, sp, stops, logit_bias, cancel) -> Iterator[Chunk]:
@@ -368,9 +381,7 @@ class LlamaCppBackend(BackendBase):
                     stats.stop_reason, stats.stop_token = "stop", token
                     break
                 generated.append(token)
-                text = push(token)
-                if text:
-                    yield Chunk(text, (token,))
+                yield Chunk(push(token), (token,))
                 if limit is not None and len(generated) >= limit:
                     stats.stop_reason = "length"
                     break

@@ -22,8 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import BackendError, missing_extra
-from ..family import architecture_of, legacy_config_keys
-from ..template import END_OF_TURN
+from ..family import GEMMA, architecture_of, legacy_config_keys
 from . import base
 from .base import BackendBase, Chunk, ModelInfo, Prompt, SamplingParams, Stats
 
@@ -80,6 +79,16 @@ def _generation_config(path: Path) -> dict[str, float]:
             if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
 
 
+def _chat_template(path: Path, tok) -> str:
+    """The folder's own chat template (chat_template.jinja, or tokenizer_config.json's)."""
+    try:
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        pass
+    template = getattr(tok, "chat_template", None)
+    return template if isinstance(template, str) else ""
+
+
 class MLXBackend(BackendBase):
     """An mlx-lm model with one prompt cache that persists between calls."""
 
@@ -118,7 +127,7 @@ class MLXBackend(BackendBase):
         self._cached: list[int] = []
         tok = self._tok
         self._vocab_size = int(text.get("vocab_size") or len(tok.get_vocab()))
-        eot = tok.convert_tokens_to_ids(END_OF_TURN)
+        eot = tok.convert_tokens_to_ids(GEMMA[arch].end_of_turn)
         self._eot = eot if isinstance(eot, int) and eot != tok.unk_token_id else None
         self._eos = {int(t) for t in (tok.eos_token_ids or [])} | {int(tok.eos_token_id)}
         quant = config.get("quantization") or {}
@@ -132,7 +141,8 @@ class MLXBackend(BackendBase):
             instruction_tuned=resolved.instruction_tuned, bos_id=int(tok.bos_token_id),
             eos_id=int(tok.eos_token_id), end_of_turn_id=self._eot,
             device=str(mx.default_device()).split("(")[-1].split(",")[0].strip().lower(),
-            threads=None, gpu_layers=0, sampling_defaults=_generation_config(path))
+            threads=None, gpu_layers=0, sampling_defaults=_generation_config(path),
+            chat_template=_chat_template(path, tok))
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -239,9 +249,7 @@ class MLXBackend(BackendBase):
                     break
                 stats.token_ids.append(token)
                 detok.add_token(token)
-                text = detok.last_segment
-                if text:
-                    yield Chunk(text, (token,))
+                yield Chunk(detok.last_segment, (token,))
                 if cancel.is_set():
                     stats.stop_reason = "cancelled"
                     break

@@ -43,9 +43,15 @@ MaxTokOpt = Annotated[int | None, typer.Option(
          "models, which rarely stop on their own).")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a catalogue model that "
                                       "is not on disk without asking.")]
-SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (folded "
-                                                  "into the first user turn: Gemma has no "
-                                                  "system role).")]
+SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (its own "
+                                                  "turn on Gemma 4; folded into the first user "
+                                                  "turn on Gemma 1-3, which have no system "
+                                                  "role).")]
+ThinkOpt = Annotated[bool | None, typer.Option(
+    "--think/--no-think", help="Let a thinking model (Gemma 4) think before it answers "
+                               "(default: the model's own, off).")]
+HideThinkingOpt = Annotated[bool, typer.Option(
+    "--hide-thinking", help="Do not show the thoughts, only how long they took.")]
 
 
 def stderr():

@@ -15,6 +15,7 @@ from ..errors import GemmaChatError
 from .common import (
     BackendOpt,
     CtxOpt,
+    HideThinkingOpt,
     MaxTokOpt,
     MinPOpt,
     ModelOpt,
@@ -22,6 +23,7 @@ from .common import (
     SeedOpt,
     SystemOpt,
     TempOpt,
+    ThinkOpt,
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
@@ -46,6 +48,8 @@ def run(
                       "pretrained models).")] = False,
     chat: Annotated[bool, typer.Option("--chat", help="Use the chat template even for a "
                                        "pretrained model.")] = False,
+    think: ThinkOpt = None,
+    hide_thinking: HideThinkingOpt = False,
     temp: TempOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
@@ -71,19 +75,29 @@ def run(
     overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     with load(model, backend, ctx, threads, spinner=False, yes=yes) as opened:
         use_chat = chat or (opened.resolved.instruction_tuned and not raw)
-        ids = gen.prompt_ids(opened.backend, text, chat=use_chat, system=system)
+        prompts = gen.PromptBuilder(opened.backend)
+        thinking = gen.thinking_mode(prompts, think, chat=use_chat)
+        ids = gen.prompt_ids(opened.backend, text, chat=use_chat, system=system,
+                             thinking=thinking)
         capped = not (use_chat and opened.resolved.instruction_tuned)
         sampling = gen.default_sampling(opened.backend, capped=capped, **overrides)
         if verbose:
             print_info(opened.backend.info, use_chat, sampling)
         write = (lambda s: None) if as_json else stdout_writer()
-        out, stats = gen.generate(opened.backend, ids, sampling, write)
+        thoughts = ThoughtsToStderr(show=not (hide_thinking or as_json))
+        out, stats = gen.generate(opened.backend, ids, sampling, write,
+                                  thought_ids=prompts.thought_ids, thoughts=thoughts)
+        thoughts.done()
         if as_json:
-            typer.echo(json.dumps({
+            record = {
                 "model": opened.backend.info.name, "backend": opened.backend.info.backend,
                 "prompt_format": "chat" if use_chat else "raw", "text": out,
                 "sampling": sampling.to_dict(), "stats": stats.to_dict(),
-            }, ensure_ascii=False))
+            }
+            if prompts.can_think:
+                record["thinking"] = thinking
+                record["thoughts"] = thoughts.text
+            typer.echo(json.dumps(record, ensure_ascii=False))
         elif out and not out.endswith("\n"):
             sys.stdout.write("\n")
         sys.stdout.flush()
@@ -107,6 +121,8 @@ def chat(
     max_tokens: MaxTokOpt = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
+    think: ThinkOpt = None,
+    hide_thinking: HideThinkingOpt = False,
     plain: Annotated[bool, typer.Option("--plain", help="Plain text replies, no Markdown "
                                         "rendering (the default when stdout is not a "
                                         "terminal).")] = False,
@@ -158,14 +174,22 @@ def chat(
         interactive = sys.stdin.isatty()
         rich_out = not plain and sys.stdout.isatty()
         renderer = repl.MarkdownRenderer() if rich_out else repl.PlainRenderer()
+        convo = Conversation(opened.backend, system=system)
+        thinking = gen.thinking_mode(convo.prompts, think, chat=True)
+        convo.thinking = thinking
+        if convo.prompts.can_think:
+            dim(f"thinking {'on' if thinking else 'off'} (/think on|off switches it)")
         app_ = repl.ChatApp(
-            opened.backend, Conversation(opened.backend, system=system), sampling,
+            opened.backend, convo, sampling,
             renderer=renderer,
             note=lambda s: err.print(s, markup=False, style="dim"), load_model=load_model,
-            autosave=None if no_autosave else sessions.Autosave())
+            autosave=None if no_autosave else sessions.Autosave(),
+            show_thinking=not hide_thinking)
         if saved is not None:
             if system is not None:
                 saved.system = system
+            if think is not None:
+                saved.thinking = think
             dim(app_.restore(saved))
         lines = repl.terminal_lines(app_) if interactive else repl.stream_lines(sys.stdin)
         try:
@@ -202,6 +226,48 @@ def list_conversations() -> None:
         table.add_row(str(path), str(saved.model.get("name", "?")), str(len(saved.exchanges)),
                       first[:40] + ("..." if len(first) > 40 else ""))
     Console().print(table)
+
+
+class ThoughtsToStderr:
+    """A thinking model's thoughts on stderr, dim, then the line they collapse to; stdout keeps
+    only the answer. ``text`` has them all (for ``--json``)."""
+
+    def __init__(self, show: bool = True):
+        self.show = show
+        self.pieces: list[str] = []
+        self.tokens = 0
+        self.start: float | None = None
+        self.elapsed = 0.0
+        self._err = stderr() if show else None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def __call__(self, chunk) -> None:
+        import time
+
+        if self.start is None:
+            self.start = time.monotonic()
+            if self._err is not None:
+                self._err.print("thinking...", style="dim italic")
+        self.tokens += len(chunk.token_ids)
+        self.elapsed = time.monotonic() - self.start
+        if chunk.text:
+            self.pieces.append(chunk.text)
+            if self._err is not None:
+                self._err.print(chunk.text, style="dim", end="", markup=False,
+                                highlight=False)
+
+    def done(self) -> None:
+        from ..repl import thought_summary
+
+        if self.start is None:
+            return
+        if self._err is not None:
+            self._err.print("")
+        dim(thought_summary(self.elapsed, self.tokens))
+        self.start = None
 
 
 def stdout_writer():

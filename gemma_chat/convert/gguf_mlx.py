@@ -80,7 +80,10 @@ def config_from_gguf(info) -> dict:
         "tie_word_embeddings": True,
     }
     eos = int(get("tokenizer.ggml.eos_token_id") or 1)
-    config["eos_token_id"] = [eos, GEMMA[arch].end_of_turn_id]
+    tokens = info.read_array("tokenizer.ggml.tokens")
+    end_of_turn = GEMMA[arch].end_of_turn
+    config["eos_token_id"] = [eos] + ([tokens.index(end_of_turn)] if end_of_turn in tokens
+                                      else [])
     if arch in ("gemma2", "gemma3"):
         config["query_pre_attn_scalar"] = query_pre_attn_scalar(arch, layers, hidden, heads,
                                                                 head_dim)
