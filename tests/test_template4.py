@@ -10,6 +10,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gemma_chat import template4
 from gemma_chat.errors import InvalidMessages
+from gemma_chat.prompt import format_for
 from gemma_chat.template import Marker
 
 DATA = Path(__file__).parent / "data" / "gemma4"
@@ -183,3 +184,26 @@ def test_thoughts_are_dropped_from_history():
 def test_malformed_messages_are_refused(messages, error):
     with pytest.raises(InvalidMessages, match=error):
         template4.parts(messages)
+
+
+@pytest.mark.parametrize("revision", REVISIONS)
+def test_the_model_files_template_picks_the_revision(revision):
+    fmt = format_for("gemma4", (DATA / f"{revision}.jinja").read_text())
+    assert (fmt.name, fmt.revision, fmt.note) == ("gemma4", revision, "")
+    assert revision in fmt.description
+
+
+def test_a_file_without_a_template_gets_the_newest_revision():
+    fmt = format_for("gemma4", "")
+    assert (fmt.revision, fmt.note) == (template4.DEFAULT_REVISION, "")
+    assert format_for("gemma3", "{{ anything }}").name == "gemma"
+
+
+def test_an_unknown_or_broken_template_is_said():
+    edited = (DATA / "release.jinja").read_text().replace("<|think|>", "<|think|> ")
+    fmt = format_for("gemma4", edited)
+    assert fmt.revision == "release" and "not a Gemma 4 revision" in fmt.note
+    broken = format_for("gemma4", "{% for %}")
+    assert broken.revision == template4.DEFAULT_REVISION and "TemplateSyntaxError" in broken.note
+    hostile = format_for("gemma4", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    assert "SecurityError" in hostile.note or "not a Gemma 4 revision" in hostile.note
