@@ -6,8 +6,11 @@
 
 The cards live in the repository's ``models/`` folder and ship inside the wheel as
 ``gemma_chat/models/``. Every model has one full name (``gemma-2b-it``, ``gemma-1.1-7b-it``,
-``gemma-2-2b-it``, ``gemma-3-270m``, ``gemma-3-1b-it``) and unambiguous aliases: a bare size
-(``2b-it``) names the newest generation that has that size.
+``gemma-2-2b-it``, ``gemma-3-270m``, ``gemma-3-1b-it``, ``gemma-3n-e4b-it``, ``gemma-4-e4b-it``,
+``gemma-4-26b-a4b-it``) and unambiguous aliases: a bare size label (``2b-it``, ``e4b-it``,
+``12b-it``) names the newest generation that has that label, so ``e4b`` is Gemma 4 (Gemma 3n
+answers to ``3n-e4b-it`` and ``gemma3n:e4b``) and ``4b`` is still Gemma 3 (E4B is another label).
+Ollama's tags (``gemma4:e4b``, ``gemma3n:e2b``) name the instruction-tuned models.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ARCHITECTURES = tuple(GEMMA)
-FAMILIES = ("gemma-1", "gemma-1.1", "gemma-2", "gemma-3")
+MODALITIES = {"text", "image", "audio", "video"}
+FAMILIES = ("gemma-1", "gemma-1.1", "gemma-2", "gemma-3", "gemma-3n", "gemma-4")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Download:
     repo: str
     file: str | None = None
     confirmed: bool = True  # False: the name could not be checked against the Hub
+    mmproj: str | None = None  # the image/audio projector GGUF in the same repo
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,11 @@ class ModelSpec:
     license: str = "gemma"
     bundled: str | None = None  # a Python package that carries the weights
     text_part_of_multimodal: bool = False
+    size_label: str | None = None  # what people call it: "E4B", "26B A4B"
+    params_effective_b: float | None = None  # Gemma 3n/4 E models: without per-layer tables
+    params_active_b: float | None = None  # mixture of experts: used per token
+    modalities: tuple[str, ...] = ("text",)  # what the model takes in
+    draft: dict = field(default_factory=dict)  # its MTP drafter (speculative decoding)
     shape: dict[str, float] = field(default_factory=dict)
     gguf: dict[str, Download] = field(default_factory=dict)  # llama.cpp type name -> file
     mlx: dict[str, Download] = field(default_factory=dict)  # 4bit / 8bit / bf16 -> repo
@@ -68,7 +78,9 @@ class ModelSpec:
 
     @property
     def params(self) -> str:
-        """Parameter count for people: ``2.6B``, ``268M``."""
+        """Parameter count for people: ``2.6B``, ``268M``, ``E4B``, ``26B A4B``."""
+        if self.size_label:
+            return self.size_label
         if self.params_b < 1:
             return f"{self.params_b * 1000:.0f}M"
         return f"{self.params_b:.1f}B"
@@ -90,6 +102,8 @@ class ModelSpec:
             d: dict[str, object] = {"repo": s.repo}
             if s.file:
                 d["file"] = s.file
+            if s.mmproj:
+                d["mmproj"] = s.mmproj
             d["confirmed"] = s.confirmed
             return d
 
@@ -108,6 +122,10 @@ class ModelSpec:
             "license": self.license,
             "bundled": self.bundled,
             "text_part_of_multimodal": self.text_part_of_multimodal,
+            "size_label": self.size_label,
+            "params_effective_b": self.params_effective_b,
+            "params_active_b": self.params_active_b,
+            "modalities": list(self.modalities),
             "shape": dict(self.shape),
             "gguf": {k: src(v) for k, v in self.gguf.items()},
             "mlx": {k: src(v) for k, v in self.mlx.items()},
@@ -150,7 +168,10 @@ def _sources(card: dict, key: str, allowed: set[str], where: str) -> dict[str, D
         file = entry.get("file")
         if key == "gguf" and not (isinstance(file, str) and file.endswith(".gguf")):
             raise CatalogError(f"{where}: [{key}.{qkey}] needs a .gguf file name")
-        out[qkey] = Download(entry["repo"], file, bool(entry.get("confirmed", True)))
+        mmproj = entry.get("mmproj")
+        if mmproj is not None and not (isinstance(mmproj, str) and mmproj.endswith(".gguf")):
+            raise CatalogError(f"{where}: [{key}.{qkey}] mmproj must be a .gguf file name")
+        out[qkey] = Download(entry["repo"], file, bool(entry.get("confirmed", True)), mmproj)
     return out
 
 
@@ -168,6 +189,14 @@ def parse_card(card: dict, where: str) -> ModelSpec:
     aliases = card.get("aliases", [])
     if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
         raise CatalogError(f"{where}: aliases must be a list of strings")
+    modalities = card.get("modalities", ["text"])
+    if not (isinstance(modalities, list) and set(modalities) <= MODALITIES and
+            "text" in modalities):
+        raise CatalogError(f"{where}: modalities must list text and any of "
+                           f"{', '.join(sorted(MODALITIES - {'text'}))}")
+    for key in ("params_effective_b", "params_active_b"):
+        if key in card and not isinstance(card[key], (int, float)):
+            raise CatalogError(f"{where}: {key} must be a number")
     return ModelSpec(
         name=card["name"],
         display=card["display"],
@@ -182,6 +211,11 @@ def parse_card(card: dict, where: str) -> ModelSpec:
         license=str(card.get("license", "gemma")),
         bundled=card.get("bundled"),
         text_part_of_multimodal=bool(card.get("text_part_of_multimodal", False)),
+        size_label=card.get("size_label"),
+        params_effective_b=card.get("params_effective_b"),
+        params_active_b=card.get("params_active_b"),
+        modalities=tuple(modalities),
+        draft=dict(card.get("draft", {})),
         shape=dict(card.get("shape", {})),
         gguf=_sources(card, "gguf", set(quantmod.GGUF_TYPES), where),
         mlx=_sources(card, "mlx", set(quantmod.MLX_KEYS.values()), where),

@@ -38,7 +38,8 @@ GEMMA: dict[str, Architecture] = {
                             "<end_of_turn>"),
     # Gemma 4: native system turn, thinking, a BPE vocabulary with other control tokens. Its
     # sliding-window pattern differs between sizes: the model file lists it per layer.
-    "gemma4": Architecture("gemma4", "4", ("gemma4", "gemma4_text"), "gemma4_text", 6, None,
+    "gemma4": Architecture("gemma4", "4", ("gemma4", "gemma4_text", "gemma4_unified",
+                                           "gemma4_unified_text"), "gemma4_text", 6, None,
                            "<turn|>", prompt_format="gemma4", tokenizer="gemma4", thinks=True),
 }
 

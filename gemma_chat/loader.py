@@ -109,11 +109,16 @@ def load(resolved: ResolvedModel, backend: str = "auto",
          options: LoadOptions = LoadOptions()) -> OpenModel:
     """Load resolved weights in the backend that runs their format."""
     from .backends import load_backend
+    from .prompt import format_for
 
     start = time.perf_counter()
     loaded = load_backend(resolved, backend, options)
-    return OpenModel(resolved, loaded, time.perf_counter() - start,
-                     list(getattr(loaded, "notes", ())))
+    notes = list(getattr(loaded, "notes", ()))
+    info = loaded.info
+    fmt_note = getattr(format_for(info.architecture, info.chat_template), "note", "")
+    if fmt_note:
+        notes.append(fmt_note)
+    return OpenModel(resolved, loaded, time.perf_counter() - start, notes)
 
 
 def open_model(model: str, backend: str = "auto", options: LoadOptions = LoadOptions(),

@@ -7,6 +7,12 @@ The estimate is what llama.cpp really allocates and touches: the weights (memory
 read for every token), the KV cache in f16 (global layers hold the whole context; sliding-window
 layers hold their window plus one micro-batch, as gemma-chat configures llama.cpp, or the whole
 context with a full-size cache), the activations of one micro-batch, and a runtime overhead.
+
+Gemma 3n and 4 differ per layer, and the shape says so where it can (:func:`layer_plan`):
+a sliding/global pattern per layer, KV heads per layer, a larger head on the global layers
+(Gemma 4: 512), and KV-shared layers at the end that read an earlier layer's cache and hold
+none of their own. A Gemma 4 global layer whose values are its keys (K=V) still gets a V cache
+in llama.cpp, and is counted so.
 """
 
 from __future__ import annotations
@@ -33,22 +39,78 @@ class Estimate:
         return self.weights + self.kv_cache + self.compute + self.overhead
 
 
+def layer_plan(shape: dict, arch: str) -> list[tuple[bool, int]]:
+    """Per layer: (sliding, KV bytes per cached token in f16; 0 for a KV-shared layer)."""
+    layers = int(shape["layers"])
+    sliding = shape.get("swa_layers")
+    if not isinstance(sliding, list) or len(sliding) != layers:
+        pattern = shape.get("sliding_window_pattern")
+        n_global, _ = layer_kinds(arch, layers, int(pattern) if pattern else None)
+        n_global = int(shape.get("global_layers", n_global))
+        every = layers // n_global if n_global and n_global < layers else 0
+        sliding = [bool(every) and (i + 1) % every != 0 for i in range(layers)]
+    kv_heads = shape.get("kv_heads_per_layer")
+    if not isinstance(kv_heads, list) or len(kv_heads) != layers:
+        kv_heads = [int(shape.get("kv_heads_global", shape["kv_heads"])) if not swa
+                    else int(shape["kv_heads"]) for swa in sliding]
+    head_dim = int(shape["head_dim"])
+    head_dim_global = int(shape.get("head_dim_global", head_dim))
+    shared = int(shape.get("kv_shared_layers", 0))
+    plan = []
+    for i, swa in enumerate(sliding):
+        dim = head_dim if swa else head_dim_global
+        has_kv = i < layers - shared
+        plan.append((bool(swa), int(kv_heads[i]) * dim * 2 * 2 if has_kv else 0))
+    return plan
+
+
+def kv_cache_bytes(shape: dict, arch: str, n_ctx: int, swa_full: bool = False,
+                   n_ubatch: int = N_UBATCH) -> int:
+    """The f16 KV cache llama.cpp allocates for ``n_ctx`` tokens of one sequence."""
+    window = int(shape.get("sliding_window", n_ctx))
+    swa_cells = n_ctx if swa_full else min(n_ctx, window + n_ubatch)
+    return sum(per_cell * (swa_cells if swa else n_ctx)
+               for swa, per_cell in layer_plan(shape, arch))
+
+
 def estimate(shape: dict, arch: str, weights_bytes: int, n_ctx: int,
              swa_full: bool = False, n_ubatch: int = N_UBATCH) -> Estimate:
     """Memory for a model of ``shape`` (the catalogue's [shape] table) at context ``n_ctx``."""
-    layers = int(shape["layers"])
-    kv_per_cell = int(shape["kv_heads"]) * int(shape["head_dim"]) * 2 * 2  # K and V, f16
-    pattern = shape.get("sliding_window_pattern")
-    n_global, n_swa = layer_kinds(arch, layers, int(pattern) if pattern else None)
-    window = int(shape.get("sliding_window", n_ctx))
-    swa_cells = n_ctx if swa_full else min(n_ctx, window + n_ubatch)
-    kv = kv_per_cell * (n_global * n_ctx + n_swa * swa_cells)
+    kv = kv_cache_bytes(shape, arch, n_ctx, swa_full, n_ubatch)
     d_model, ffn = int(shape["d_model"]), int(shape["ffn"])
     q_dim = int(shape["heads"]) * int(shape["head_dim"])
     activations = n_ubatch * (4 * d_model + 2 * ffn + 2 * q_dim) * 4
     logits = int(shape["vocab"]) * 4
     vocab_tables = int(shape["vocab"]) * 48
     return Estimate(int(weights_bytes), kv, activations + logits, RUNTIME_OVERHEAD + vocab_tables)
+
+
+#: The least context chosen by default (unless the model's own is smaller).
+MIN_DEFAULT_CTX = 8192
+#: The share of physical memory a default context may bring the estimate up to.
+MEMORY_BUDGET = 0.5
+
+
+def default_context(shape: dict, arch: str, weights_bytes: int, n_ctx_train: int,
+                    ram: int | None = None) -> tuple[int, str]:
+    """(context, why): the largest of the model's own context and its halvings whose estimate
+    stays within :data:`MEMORY_BUDGET` of this machine's memory, never below
+    :data:`MIN_DEFAULT_CTX`. Gemma 3n/4's small sliding windows and shared KV make long
+    contexts cheap; a 27B at 128K is not."""
+    ram = total_ram() if ram is None else ram
+    floor = min(n_ctx_train, MIN_DEFAULT_CTX)
+    if ram is None:
+        return floor, f"context {floor:,} tokens (this machine's memory is unknown)"
+    n_ctx = n_ctx_train
+    while n_ctx > floor and \
+            estimate(shape, arch, weights_bytes, n_ctx).total > ram * MEMORY_BUDGET:
+        n_ctx //= 2
+    n_ctx = max(n_ctx, floor)
+    need = estimate(shape, arch, weights_bytes, n_ctx).total
+    whole = " (the model's own)" if n_ctx == n_ctx_train else \
+        f" (the model allows {n_ctx_train:,})"
+    return n_ctx, (f"context {n_ctx:,} tokens{whole}: about {human(need)} with the weights, "
+                   f"on a machine with {human(ram)}; --ctx sets another")
 
 
 def shape_from_gguf(info) -> tuple[dict, str]:
@@ -66,6 +128,22 @@ def shape_from_gguf(info) -> tuple[dict, str]:
     window = get("attention.sliding_window")
     if isinstance(window, int):
         shape["sliding_window"] = window
+    # Gemma 3n / 4: per-layer arrays and the keys of their global layers.
+    prefix = info.architecture + "."
+    for key, name in (("attention.sliding_window_pattern", "swa_layers"),
+                      ("attention.head_count_kv", "kv_heads_per_layer")):
+        if prefix + key in info.arrays:
+            values = info.read_array(prefix + key)
+            shape[name] = [bool(v) for v in values] if name == "swa_layers" else \
+                [int(v) for v in values]
+            if name == "kv_heads_per_layer":
+                shape["kv_heads"] = max(shape[name])
+    swa_dim = get("attention.key_length_swa")
+    if isinstance(swa_dim, int):  # key_length is then the global layers' head size
+        shape["head_dim_global"], shape["head_dim"] = shape["head_dim"], swa_dim
+    shared = get("attention.shared_kv_layers")
+    if isinstance(shared, int):
+        shape["kv_shared_layers"] = shared
     return shape, info.architecture
 
 

@@ -23,7 +23,7 @@ def test_every_required_model_is_in_the_catalogue():
 
 
 def test_full_names_follow_one_scheme():
-    pattern = re.compile(r"^gemma(-1\.1|-2|-3)?-\d+[mb](-it)?$")
+    pattern = re.compile(r"^gemma(-1\.1|-2|-3|-3n|-4)?-(e\d+b|\d+[mb](-a\d+b)?)(-it)?$")
     for spec in catalog.load().specs:
         assert pattern.match(spec.name), spec.name
         assert spec.name.endswith("-it") == (spec.tuned == "it")
@@ -39,6 +39,20 @@ def test_full_names_follow_one_scheme():
     ("gemma3:1b", "gemma-3-1b-it"),
     ("gemma-3-1b-pt", "gemma-3-1b"),
     ("27b-it", "gemma-3-27b-it"),
+    # Gemma 4 is the newest generation with these labels; Gemma 3 keeps its own.
+    ("e4b", "gemma-4-e4b"),
+    ("e4b-it", "gemma-4-e4b-it"),
+    ("gemma4:e4b", "gemma-4-e4b-it"),
+    ("e2b-it", "gemma-4-e2b-it"),
+    ("26b-a4b", "gemma-4-26b-a4b"),
+    ("26b-it", "gemma-4-26b-a4b-it"),
+    ("31b", "gemma-4-31b"),
+    ("gemma4:31b", "gemma-4-31b-it"),
+    ("12b-it", "gemma-4-12b-it"),
+    ("gemma3:12b", "gemma-3-12b-it"),
+    ("4b-it", "gemma-3-4b-it"),
+    ("3n-e4b-it", "gemma-3n-e4b-it"),
+    ("gemma3n:e2b", "gemma-3n-e2b-it"),
 ])
 def test_aliases_resolve(alias, name):
     assert catalog.get(alias).name == name
@@ -47,11 +61,21 @@ def test_aliases_resolve(alias, name):
 def test_architectures_and_shapes_are_consistent():
     for spec in catalog.load().specs:
         expected = {"gemma-1": "gemma", "gemma-1.1": "gemma", "gemma-2": "gemma2",
-                    "gemma-3": "gemma3"}[spec.family]
+                    "gemma-3": "gemma3", "gemma-3n": "gemma3n", "gemma-4": "gemma4"}[spec.family]
         assert spec.arch == expected, spec.name
         shape = spec.shape
         assert shape["heads"] % shape["kv_heads"] == 0
-        assert shape["vocab"] == (262144 if spec.arch == "gemma3" else 256000)
+        vocab = {"gemma": 256000, "gemma2": 256000, "gemma3n": 262400}.get(spec.arch, 262144)
+        assert shape["vocab"] == vocab
+        if spec.arch in ("gemma3n", "gemma4"):
+            # The last layer is global; shared-KV layers leave the first ones their caches.
+            assert shape["layers"] % shape["global_layers"] == 0, spec.name
+            assert 0 <= shape["kv_shared_layers"] < shape["layers"]
+            assert spec.params_effective_b or spec.params_active_b or \
+                spec.size_label in ("12B", "31B"), spec.name
+        if spec.arch == "gemma4":
+            assert not spec.gated and spec.license == "apache-2.0"
+            assert shape["head_dim_global"] == 512
         if spec.arch == "gemma2":
             assert shape["attn_softcap"] == 50.0 and shape["final_softcap"] == 30.0
         if spec.arch in ("gemma2", "gemma3"):

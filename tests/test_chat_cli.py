@@ -36,7 +36,7 @@ def test_chat_in_a_pseudo_terminal(gguf_path, tmp_path):
         at_prompt()
         child.sendline("Hello there")
         at_prompt()
-        child.expect(r"context \d+/8192")  # the bottom toolbar's context meter
+        child.expect(r"context \d+/32768")  # the bottom toolbar's context meter
         child.sendline("Tell me more")
         child.setwinsize(30, 100)  # a terminal resize during the reply
         at_prompt()

@@ -82,3 +82,19 @@ def test_end_of_generation_tokens_from_the_vocabulary(vocab):
     v = vocab.llm._model.vocab
     ends = {t for t in range(vocab.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(v, t)}
     assert ends == {vocab.tokenize(t)[0] for t in ("<eos>", "<turn|>", "<|tool_response>")}
+
+
+def test_the_catalogue_card_and_the_real_files_hyperparameters_agree():
+    """The vocabulary GGUF carries the 26B A4B's hyperparameters (per-layer KV heads, the
+    sliding pattern, 512-wide global heads): the card's KV cache estimate must match it."""
+    from gemma_chat import catalog, memory
+    from gemma_chat.gguf_file import read_gguf
+
+    shape, arch = memory.shape_from_gguf(read_gguf(vocab_gguf()))
+    card = catalog.get("gemma-4-26b-a4b-it")
+    for n_ctx in (4096, 8192, 32768, 262144):
+        assert memory.kv_cache_bytes(card.shape, card.arch, n_ctx) == \
+            memory.kv_cache_bytes(shape, arch, n_ctx)
+    # 5 global layers of 2 KV heads x 512 and 25 sliding ones of 8 x 256, f16 K and V.
+    assert memory.kv_cache_bytes(shape, arch, 262144) == \
+        5 * 262144 * 2 * 512 * 4 + 25 * (1024 + 512) * 8 * 256 * 4

@@ -188,6 +188,7 @@ class ModelInfo:
     gpu_layers: int = 0
     sampling_defaults: Mapping[str, float] = field(default_factory=dict)
     weight_repack: str = ""  # llama.cpp's CPU weight repacking, where the backend has one
+    context_note: str = ""  # how the context was chosen, when it was not asked for
     chat_template: str = ""  # the model file's own template (never rendered but in a sandbox)
 
     def to_dict(self) -> dict[str, object]:
@@ -274,9 +275,13 @@ class BackendBase:
         self.close()
 
 
-def context_size(requested: int | None, n_ctx_train: int, engine: str) -> int:
-    """The context to allocate: ``requested``, else the model's up to DEFAULT_MAX_CTX."""
-    n_ctx = min(n_ctx_train, DEFAULT_MAX_CTX) if requested is None else requested
+def context_size(requested: int | None, n_ctx_train: int, engine: str,
+                 default: int | None = None) -> int:
+    """The context to allocate: ``requested``, else ``default`` (chosen from memory), else the
+    model's up to DEFAULT_MAX_CTX."""
+    if requested is None:
+        requested = default if default is not None else min(n_ctx_train, DEFAULT_MAX_CTX)
+    n_ctx = requested
     if n_ctx < 16:
         raise InvalidArgument(f"invalid context size {n_ctx}: must be at least 16")
     if n_ctx > n_ctx_train:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import memory
 from ..errors import BackendError, InvalidArgument, missing_extra
 from ..family import GEMMA
 from ..gguf_file import check_gemma, read_gguf
@@ -102,7 +103,13 @@ class LlamaCppBackend(BackendBase):
         path = Path(resolved.path)
         gguf = check_gemma(read_gguf(path))  # refuse bad files before llama.cpp can abort
         n_ctx_train = gguf.context_length or base.DEFAULT_MAX_CTX
-        n_ctx = base.context_size(n_ctx, n_ctx_train, "llama.cpp")
+        context_note = ""
+        default = None
+        if n_ctx is None:
+            shape, arch = memory.shape_from_gguf(gguf)
+            default, context_note = memory.default_context(shape, arch, gguf.file_size,
+                                                           n_ctx_train)
+        n_ctx = base.context_size(n_ctx, n_ctx_train, "llama.cpp", default)
         if threads is not None and not 1 <= threads <= MAX_THREADS:
             raise InvalidArgument(f"invalid thread count {threads}: must be 1 to {MAX_THREADS}")
         threads = threads or default_threads()
@@ -174,6 +181,7 @@ class LlamaCppBackend(BackendBase):
             sampling_defaults=_sampling_from_metadata(gguf.metadata),
             weight_repack=self.repack.describe(),
             chat_template=str(gguf.metadata.get("tokenizer.chat_template") or ""),
+            context_note=context_note,
         )
 
     def _end_of_generation(self, gguf) -> set[int]:

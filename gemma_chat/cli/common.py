@@ -25,7 +25,9 @@ ModelOpt = Annotated[str, typer.Option(
          "a model folder.")]
 BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto, llama.cpp or mlx.")]
 CtxOpt = Annotated[int | None, typer.Option("--ctx", "-c", help="Context size in tokens "
-                                               "(default: min(the model's, 8192)).")]
+                                               "(default: the model's own, or as much of it as "
+                                               "half this machine's memory holds, at least "
+                                               "8192).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t",
                                                    help="CPU threads (default: every core).")]
 TempOpt = Annotated[float | None, typer.Option("--temp", help="Temperature; 0 is greedy "

@@ -161,6 +161,8 @@ def chat(
         dim(f"{info.name}: {info.architecture}, {info.quantization}, {info.backend} on "
             f"{info.device}, context {info.n_ctx}, loaded in {opened.load_s:.1f} s. /help for "
             "commands.")
+        if info.context_note:
+            dim(info.context_note)
         pretrained = not opened.resolved.instruction_tuned
         sampling = gen.default_sampling(opened.backend, capped=pretrained, **overrides)
         if pretrained:
@@ -286,6 +288,8 @@ def print_info(info, chat: bool, sampling) -> None:
               f"{info.n_params / 1e6:.0f}M params) {escape(str(info.path))}[/dim]")
     err.print(f"[dim]backend {info.backend} on {info.device}, {info.threads} threads, "
               f"context {info.n_ctx} of {info.n_ctx_train}[/dim]")
+    if info.context_note:
+        dim(f"        {info.context_note}")
     if info.weight_repack:
         dim(f"repack  {info.weight_repack}")
     err.print(f"[dim]prompt  {'Gemma chat template' if chat else 'raw text'}; "

@@ -74,6 +74,7 @@ def show(
     if spec is None and local is not None:
         spec = local.spec
     arch = spec.arch if spec is not None else None
+    template = ""
     if spec is not None:
         lines += [f"model          {spec.name} ({spec.display}), {spec.params} parameters, "
                   f"{'instruction-tuned' if spec.instruction_tuned else 'pretrained'}",
@@ -88,6 +89,7 @@ def show(
         if local.format == "gguf":
             info = read_gguf(local.path)
             arch = info.architecture  # the file decides its format, not the name
+            template = str(info.metadata.get("tokenizer.chat_template") or "")
             lines.append(f"quantization   {info.quantization}, {info.n_params / 1e6:,.0f}M "
                          f"parameters in the file")
             shape, shape_arch = memory.shape_from_gguf(info)
@@ -101,8 +103,14 @@ def show(
     else:
         lines.append("on disk        no (`gemma pull` downloads it)")
     if arch is not None:
-        lines.append("chat template  built in for its architecture (templates in model files "
-                     "are never run): " + prompt.format_for(arch).description)
+        fmt = prompt.format_for(arch, template)
+        lines.append("chat template  built in for its architecture (a model file's own "
+                     "template is only rendered in a sandbox, to recognise its revision): " +
+                     fmt.description)
+        if getattr(fmt, "note", ""):
+            lines.append(f"               {fmt.note}")
+        if fmt.thought_channel:
+            lines.append("thinking       yes: off by default; --think or /think on")
     typer.echo("\n".join(lines))
 
 
