@@ -76,8 +76,15 @@ def show(
     arch = spec.arch if spec is not None else None
     template = ""
     if spec is not None:
-        lines += [f"model          {spec.name} ({spec.display}), {spec.params} parameters, "
+        size = f"{spec.params_b:.2f}B parameters"
+        if spec.params_effective_b:
+            size += f", {spec.params_effective_b}B effective (without per-layer embeddings)"
+        if spec.params_active_b:
+            size += f", {spec.params_active_b}B active per token"
+        lines += [f"model          {spec.name} ({spec.display}), {size}, "
                   f"{'instruction-tuned' if spec.instruction_tuned else 'pretrained'}",
+                  f"input          {', '.join(spec.modalities)}" + (
+                      " (gemma-chat reads text)" if len(spec.modalities) > 1 else ""),
                   f"architecture   {spec.arch}, {spec.shape.get('layers')} layers, "
                   f"{spec.shape.get('heads')} heads / {spec.shape.get('kv_heads')} KV heads",
                   f"context        {spec.context:,} tokens",
