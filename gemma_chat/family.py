@@ -88,6 +88,8 @@ def legacy_config_keys(config: dict) -> dict:
     ``rope_local_base_freq``, ``rope_scaling``, ``sliding_window_pattern``). Returns only the
     keys to add; keys the config already has are left alone."""
     out: dict = {}
+    if MODEL_TYPES.get(config.get("model_type") or "") == "gemma4":
+        return _gemma4_global_keys(config)  # mlx-lm's Gemma 4 reads rope_parameters itself
     rope = config.get("rope_parameters")
     if isinstance(rope, dict):
         full = rope.get("full_attention", rope)
@@ -104,4 +106,20 @@ def legacy_config_keys(config: dict) -> dict:
     if isinstance(types, list) and "full_attention" in types \
             and "sliding_window_pattern" not in config:
         out["sliding_window_pattern"] = types.index("full_attention") + 1
+    return out
+
+
+def _gemma4_global_keys(config: dict) -> dict:
+    """Gemma 4: transformers keeps the global layers' head size and KV heads only per layer
+    (``per_layer_config``); mlx-lm reads them as global_head_dim / num_global_key_value_heads."""
+    out: dict = {}
+    types = config.get("layer_types")
+    per_layer = config.get("per_layer_config")
+    if isinstance(per_layer, dict) and isinstance(types, list) and "full_attention" in types:
+        first_global = per_layer.get(str(types.index("full_attention")))
+        if isinstance(first_global, dict):
+            for theirs, ours in (("head_dim", "global_head_dim"),
+                                 ("num_key_value_heads", "num_global_key_value_heads")):
+                if theirs in first_global and ours not in config:
+                    out[ours] = first_global[theirs]
     return out

@@ -187,12 +187,13 @@ class LlamaCppBackend(BackendBase):
     def _end_of_generation(self, gguf) -> set[int]:
         """The ids llama.cpp ends a generation on (``<eos>``, ``<end_of_turn>``; Gemma 4 also
         ``<turn|>`` and ``<|tool_response>``), as the model file defines them: its control
-        tokens that llama.cpp's vocabulary marks end-of-generation."""
+        and user-defined tokens that llama.cpp's vocabulary marks end-of-generation."""
         ends = {t for t in (self._eos, self._eot) if t is not None and t >= 0}
         if "tokenizer.ggml.token_type" in gguf.arrays:
             types = np.asarray(gguf.read_array("tokenizer.ggml.token_type"))
             is_eog = llama_cpp.llama_vocab_is_eog
-            ends |= {int(t) for t in np.nonzero(types == 3)[0] if is_eog(self._vocab, int(t))}
+            candidates = np.nonzero((types == 3) | (types == 4))[0]
+            ends |= {int(t) for t in candidates if is_eog(self._vocab, int(t))}
         return ends
 
     # -- tokens -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .. import store
 from ..errors import InvalidArgument, InvalidModelFile, ModelNotFound
 from .checkpoint import Checkpoint
 from .gguf_mlx import gguf_to_mlx
-from .hf_gguf import write_gguf
+from .hf_gguf import write_gguf as _write_gemma_gguf
 from .quantize import expected_size, quantize_gguf, quantize_mlx
 
 __all__ = ["Checkpoint", "Job", "Result", "Source", "default_target", "gguf_to_mlx", "locate",
@@ -77,6 +77,16 @@ class Result:
     job: Job
     size: int
     seconds: float
+
+
+def write_gguf(ckpt: Checkpoint, dst: Path, out_type: str = "f16", *, name: str | None = None,
+               progress: Progress = lambda *a: None) -> Path:
+    """An unquantized GGUF of ``ckpt``: Gemma 4 by its own writer, Gemma 1-3 by ours."""
+    if ckpt.arch == "gemma4":
+        from .gemma4_gguf import write_gemma4_gguf
+
+        return write_gemma4_gguf(ckpt.folder, dst, out_type, name=name, progress=progress)
+    return _write_gemma_gguf(ckpt, dst, out_type, name=name, progress=progress)
 
 
 def default_target() -> str:

@@ -23,7 +23,11 @@ import numpy as np
 from ..errors import InvalidModelFile, UnsupportedArchitecture
 from ..family import MODEL_TYPES, legacy_config_keys
 
-SUPPORTED = "gemma (Gemma 1), gemma2 (Gemma 2), gemma3_text and gemma3 (Gemma 3, text part)"
+#: The architectures gemma convert writes from a Hugging Face checkpoint.
+CONVERTIBLE = ("gemma", "gemma2", "gemma3", "gemma4")
+
+SUPPORTED = ("gemma (Gemma 1), gemma2 (Gemma 2), gemma3_text and gemma3 (Gemma 3, text part), "
+             "gemma4_text and gemma4 (Gemma 4, text part)")
 
 # Values transformers assumes when a Gemma 3 config leaves them out (Gemma3TextConfig).
 _GEMMA3_DEFAULTS = {
@@ -39,7 +43,8 @@ _GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 3
 
 # Parts of a multimodal Gemma 3 checkpoint that are not the language model.
 _SKIP_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                  "model.multi_modal_projector.")
+                  "model.multi_modal_projector.", "model.audio_tower.", "model.embed_vision.",
+                  "model.embed_audio.")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
@@ -73,7 +78,7 @@ class Checkpoint:
         except (OSError, ValueError) as exc:
             raise InvalidModelFile(f"{config_path} is not valid JSON ({exc})") from None
         model_type = config.get("model_type")
-        if model_type not in MODEL_TYPES:
+        if model_type not in MODEL_TYPES or MODEL_TYPES[model_type] not in CONVERTIBLE:
             raise UnsupportedArchitecture(
                 f"{folder.name} is a {model_type!r} checkpoint; gemma convert supports "
                 f"{SUPPORTED}")
@@ -186,6 +191,10 @@ class Checkpoint:
 def text_hparams(config: dict) -> dict:
     """The text model's config with Gemma's unstated defaults filled in."""
     model_type = config["model_type"]
+    if MODEL_TYPES.get(model_type) == "gemma4":
+        from .gemma4_gguf import gemma4_hparams
+
+        return gemma4_hparams(config)
     if model_type == "gemma3":
         text = dict(config.get("text_config") or {})
         for key in ("tie_word_embeddings", "torch_dtype", "dtype"):
