@@ -147,8 +147,7 @@ def _history_messages(convo: Conversation, pending: str) -> list[dict]:
 def test_a_thinking_chat(dense, engine):
     """Thoughts come apart from the answer, the next prompt is the official template's
     rendering (thoughts stripped), and a turn evaluates only the previous answer, the closing
-    and the new user turn (llama.cpp; MLX's rotating sliding-window cache cannot roll back
-    once it has wrapped, so it re-evaluates, and says so)."""
+    and the new user turn, on both backends."""
     if engine == "mlx":
         pytest.importorskip("mlx_lm")
     path = dense.gguf if engine == "llama.cpp" else dense.mlx
@@ -172,16 +171,13 @@ def test_a_thinking_chat(dense, engine):
                                                   thinking=True, revision="release"))
             assert stats.prompt_tokens == len(sent)
             assert "I will answer" not in backend.detokenize(sent)
-            if i and engine == "llama.cpp":
+            if i:
                 previous = convo.exchanges[-2]
                 answer = backend.tokenize(template4.strip_thinking(previous.reply),
                                           special=False)
                 turn = prompts.user_turn(question, first=False, thinking=True)
                 assert stats.prompt_eval_tokens == len(answer) + len(prompts.closing) + \
                     len(turn), stats
-            elif i:
-                assert stats.prompt_eval_tokens == stats.prompt_tokens
-                assert "sliding-window cache" in stats.cache_note
         test_a_thinking_chat.replies[engine] = replies
     finally:
         backend.close()
@@ -269,3 +265,40 @@ def test_server_sends_reasoning_content_to_the_openai_client(dense):
         server.should_exit = True
         thread.join(15)
         backend.close()
+
+
+def test_mlx_trims_a_wrapped_sliding_window_cache(dense, monkeypatch):
+    """Past its window plus slack, MLX's rotating cache has wrapped; rolling back over the last
+    reply's thoughts still trims it (the window before the new end is held) instead of
+    re-evaluating, and the replies stay those of llama.cpp, token for token."""
+    pytest.importorskip("mlx_lm")
+    from gemma_chat.backends import mlx as mlx_backend
+
+    # Window 16 + slack 48: the caches wrap after 64 tokens, and a roll-back of up to 48
+    # tokens (these replies are 20-36 with their thoughts) still trims them.
+    monkeypatch.setattr(mlx_backend, "SWA_SLACK", 48)
+    questions = QUESTIONS + ["Once upon a time there was a king.", "Where is the station?"]
+    runs = {}
+    for engine, path in (("llama.cpp", dense.gguf), ("mlx", dense.mlx)):
+        backend = load_backend(resolve(str(path)), engine, LoadOptions(n_ctx=1024))
+        try:
+            convo = Conversation(backend, thinking=True)
+            evaluated, trimmed_wrapped = [], []
+            for question in questions:
+                wrapped = engine == "mlx" and any(
+                    getattr(c, "window", None) and c.offset > c.max_size
+                    for c in backend._cache)
+                list(convo.send(question, GREEDY))
+                stats = convo.last_stats
+                evaluated.append(stats.prompt_eval_tokens)
+                if wrapped and stats.prompt_eval_tokens < stats.prompt_tokens:
+                    trimmed_wrapped.append(len(evaluated) - 1)
+            runs[engine] = ([(ex.thoughts, ex.reply) for ex in convo.exchanges], evaluated,
+                            trimmed_wrapped)
+        finally:
+            backend.close()
+    replies, evaluated, trimmed = runs["mlx"]
+    assert replies == runs["llama.cpp"][0]
+    assert len(trimmed) >= 2, evaluated
+    for turn in trimmed:  # as little as llama.cpp, which keeps the whole context
+        assert evaluated[turn] == runs["llama.cpp"][1][turn]

@@ -6,9 +6,14 @@ CPU (slowly for quantized weights: fine for correctness, not a speed reference).
 The token loop is mlx-lm's ``generate_step`` with its samplers and logits processors; stopping,
 detokenization (mlx-lm's streaming detokenizer) and the stats are ours, so both backends behave
 the same. The prompt cache lives across calls: a prompt that extends the cached tokens evaluates
-only the rest, and after a roll-back the cache is trimmed to the common prefix where mlx-lm
-can (a rotating sliding-window cache cannot be trimmed once it has wrapped: then the prompt is
-re-evaluated, and the stats say so).
+only the rest, and after a roll-back the cache is trimmed to the common prefix.
+
+mlx-lm's rotating sliding-window cache holds exactly the window and cannot be trimmed once it
+has wrapped; every Gemma 4 turn rolls back over the thoughts of the last reply, so a long
+thinking chat would re-evaluate everything every turn. Here the sliding-window caches hold
+:data:`SWA_SLACK` positions beyond their window (the model's masks still limit attention to the
+window), and a wrapped cache is trimmed as long as the window before the new end is still in it.
+A roll-back further than that re-evaluates the prompt, and the stats say so.
 """
 
 from __future__ import annotations
@@ -31,10 +36,77 @@ try:
     from mlx.utils import tree_flatten
     from mlx_lm import load as mlx_load
     from mlx_lm.generate import generate_step
-    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+    from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 except ImportError:  # pragma: no cover - exercised where the extra is missing
     mx = None
+
+
+#: Positions a sliding-window cache keeps beyond its window, so that a roll-back of up to this
+#: many tokens (the last reply's thoughts, /retry) trims the cache instead of re-evaluating.
+SWA_SLACK = 1024
+
+
+def add_window_slack(model, slack: int | None = None) -> None:
+    """Give ``model``'s rotating sliding-window caches ``slack`` (default :data:`SWA_SLACK`)
+    more positions (see above)."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    slack = SWA_SLACK if slack is None else slack
+    make = model.make_cache
+
+    def make_cache():
+        caches = []
+        for c in make():
+            if type(c) is RotatingKVCache and not c.keep:
+                wide = RotatingKVCache(max_size=c.max_size + slack)
+                wide.window = c.max_size  # what the model attends to
+                wide.first = 0  # the absolute position of the oldest real entry
+                c = wide
+            caches.append(c)
+        return caches
+
+    model.make_cache = make_cache
+
+
+def _trimmable(cache, drop: int) -> bool:
+    """Whether dropping the last ``drop`` positions leaves every cache able to continue."""
+    for c in cache:
+        if c.is_trimmable():
+            continue
+        window = getattr(c, "window", None)
+        if window is None:
+            return False
+        held_from = max(c.first, c.offset - c.max_size)
+        # The window before the new end must be held, and the cache must stay wrapped (a
+        # wrapped cache's layout is not the one mlx-lm assumes below its size).
+        if c.offset - drop - window < held_from or c.offset - drop < c.max_size:
+            return False
+    return True
+
+
+def _trim(cache, drop: int) -> None:
+    """Drop the last ``drop`` positions; a wrapped rotating cache is put in temporal order,
+    cut, and padded back to its size (the padding lies outside every window: never seen)."""
+    for c in cache:
+        if c.is_trimmable() or getattr(c, "window", None) is None:
+            c.trim(drop)
+            continue
+        keys, values = c._temporal_order(c.keys), c._temporal_order(c.values)
+        keep = keys.shape[2] - drop
+        # keys[..., 0, :] is position offset - length; earlier padding is older still.
+        c.first = max(c.first, c.offset - keys.shape[2])
+        pad = c.max_size - keep
+        if pad > 0:
+            keys = mx.concatenate([keys[..., :keep, :], mx.zeros((*keys.shape[:2], pad,
+                                   keys.shape[3]), keys.dtype)], axis=2)
+            values = mx.concatenate([values[..., :keep, :], mx.zeros((*values.shape[:2], pad,
+                                     values.shape[3]), values.dtype)], axis=2)
+        else:
+            keys, values = keys[..., :keep, :], values[..., :keep, :]
+        c.keys, c.values = keys, values
+        c.offset -= drop
+        c._idx = keep
 
 
 class _SlidingWindowGemma2:
@@ -116,6 +188,8 @@ class MLXBackend(BackendBase):
             raise BackendError(f"mlx-lm could not load {path.name}: {exc}") from None
         if arch == "gemma2":
             add_gemma2_sliding_window(self._model, int(text.get("sliding_window") or 4096))
+        if arch in ("gemma2", "gemma3", "gemma4"):  # their masks take the window, not the size
+            add_window_slack(self._model)
         if config.get("quantization") and mx.default_device().type == mx.cpu:
             # MLX's CPU kernels for quantized matrix products are slow and lose accuracy with
             # bfloat16 activations (Gemma 3 270M, 8-bit: mean KL to llama.cpp 0.09 in bf16,
@@ -165,14 +239,14 @@ class MLXBackend(BackendBase):
         n_tokens = max(0, min(n_tokens, len(self._cached)))
         drop = len(self._cached) - n_tokens
         note = ""
-        if drop and n_tokens and not can_trim_prompt_cache(self._cache):
-            note = ("re-evaluated the prompt: the sliding-window cache has wrapped and cannot "
-                    "be trimmed back")
+        if drop and n_tokens and not _trimmable(self._cache, drop):
+            note = (f"re-evaluated the prompt: rolling back {drop} tokens goes past what the "
+                    "sliding-window cache still holds")
             n_tokens = 0
         if n_tokens == 0:
             self._cache = make_prompt_cache(self._model)
         elif drop:
-            trim_prompt_cache(self._cache, drop)
+            _trim(self._cache, drop)
         self._cached = self._cached[:n_tokens]
         return note
 
