@@ -68,7 +68,8 @@ def kv_cache_bytes(shape: dict, arch: str, n_ctx: int, swa_full: bool = False,
                    n_ubatch: int = N_UBATCH) -> int:
     """The f16 KV cache llama.cpp allocates for ``n_ctx`` tokens of one sequence."""
     window = int(shape.get("sliding_window", n_ctx))
-    swa_cells = n_ctx if swa_full else min(n_ctx, window + n_ubatch)
+    # llama.cpp's sliding-window cache: the window plus one micro-batch, padded to 256 cells.
+    swa_cells = n_ctx if swa_full else min(n_ctx, -(-(window + n_ubatch) // 256) * 256)
     return sum(per_cell * (swa_cells if swa else n_ctx)
                for swa, per_cell in layer_plan(shape, arch))
 
