@@ -46,11 +46,18 @@ class ResolvedModel:
         return "-it" in label or "instruct" in label
 
 
+def model_ggufs(folder: Path) -> list[Path]:
+    """The model GGUFs in ``folder``, sorted: not the image/audio projectors (``mmproj-*``) or
+    speculative-decoding drafters (``mtp-*``) published beside them, as llama.cpp skips them."""
+    return sorted(p for p in folder.glob("*.gguf")
+                  if "mmproj" not in p.name.lower() and not p.name.lower().startswith("mtp-"))
+
+
 def _folder_format(path: Path) -> str:
     """Classify a folder: an MLX/Hugging Face safetensors checkpoint of a Gemma model."""
     config = path / "config.json"
     if not config.is_file():
-        ggufs = sorted(path.glob("*.gguf"))
+        ggufs = model_ggufs(path)
         if ggufs:
             return "gguf"
         raise InvalidModelFile(f"{path} has neither config.json nor a .gguf file")
@@ -88,7 +95,7 @@ def resolve_path(path: Path) -> ResolvedModel:
     if path.is_dir():
         fmt = _folder_format(path)
         if fmt == "gguf":
-            return resolve_path(sorted(path.glob("*.gguf"))[0])
+            return resolve_path(model_ggufs(path)[0])
         return ResolvedModel(path.name, path, "mlx", "path", catalog.load().get(path.name))
     return ResolvedModel(path.stem, path, "gguf", "path", spec_for_file(path))
 
@@ -144,7 +151,7 @@ def stored(name: str, fmt: str, quant: str = "q4") -> Path | None:
     if not folder.is_dir():
         return None
     if fmt == "gguf":
-        files = sorted(folder.glob("*.gguf"))
+        files = model_ggufs(folder)
         try:
             wanted = quantmod.gguf_candidates(quant)
         except InvalidArgument:
@@ -227,7 +234,7 @@ def _resolve_repo(repo: str, formats: tuple[str, ...], quant: str) -> ResolvedMo
         )
     for fmt in formats:
         if fmt == "gguf":
-            files = sorted(snapshot.glob("*.gguf"))
+            files = model_ggufs(snapshot)
             if files:
                 from . import quant as quantmod
 

@@ -150,3 +150,12 @@ def test_backend_choice_names_the_fix():
     assert choose("auto", "gguf").name == "llama.cpp"
     with pytest.raises(InvalidModelFile, match="gemma convert PATH --to gguf"):
         choose("llama.cpp", "mlx")
+
+
+def test_projector_and_drafter_files_are_not_the_model(tmp_path):
+    from gemma_chat.resolve import model_ggufs
+
+    for name in ("mmproj-gemma-4-E4B-it-Q8_0.gguf", "mtp-gemma-4-E4B-it-Q8_0.gguf",
+                 "gemma-4-E4B-it-Q4_K_M.gguf", "gemma-4-E4B-it-mmproj.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in model_ggufs(tmp_path)] == ["gemma-4-E4B-it-Q4_K_M.gguf"]

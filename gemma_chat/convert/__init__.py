@@ -120,7 +120,9 @@ def locate(arg: str) -> Source:
         if (path / "config.json").is_file():
             Checkpoint.open(path)  # refuse early: architecture, pickle, missing files
             return Source("hf", path, path.resolve().name)
-        ggufs = sorted(path.glob("*.gguf"))
+        from ..resolve import model_ggufs
+
+        ggufs = model_ggufs(path)
         if ggufs:
             return Source("gguf", ggufs[0], _name_from_gguf(ggufs[0]))
         raise InvalidModelFile(f"{path} has neither config.json nor a .gguf file")
