@@ -345,3 +345,23 @@ def test_memory_estimate_is_what_llama_cpp_allocates(tiny):
         from gemma_chat.backends.llamacpp import _quiet_logs
 
         _quiet_logs(False)  # keeps its own callback alive, as llama.cpp holds a raw pointer
+
+
+def test_gguf_to_mlx_matches_transformers(dense, tmp_path):
+    """A Gemma 4 GGUF (Q8_0) imported to MLX: the names, the config rebuilt from the per-layer
+    metadata, the tokenizer rebuilt from the GGUF's BPE keys."""
+    pytest.importorskip("mlx_lm")
+    from tokenizers import Tokenizer
+
+    out = tmp_path / "from-gguf"
+    result = run_gemma("convert", str(dense.gguf), "--to", "mlx", "--quant", "f32", "--out",
+                       str(out), timeout=600)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma4_text" and config["num_kv_shared_layers"] == 3
+    ours, theirs = (Tokenizer.from_file(str(f / "tokenizer.json")) for f in (out, dense.folder))
+    for text in ["<|turn>user\nHi<turn|>", "  spaces\tand 日本語 🦙", '<|"|>x<|"|> <mask>']:
+        assert ours.encode(text).ids == theirs.encode(text).ids
+    ids = [2] + theirs.encode("\n".join(training_text()), add_special_tokens=False).ids
+    ids = ids[:N_POSITIONS]
+    check(reference_logits(dense.folder, ids), mlx_logits(out, ids), "q8")

@@ -110,6 +110,10 @@ def gguf_to_mlx(src: Path, dst: Path, dtype: str = "bfloat16",
     info = check_gemma(read_gguf(src))
     if dtype not in ("bfloat16", "float16", "float32"):
         raise InvalidArgument(f"unknown dtype {dtype!r}")
+    if info.architecture == "gemma4":
+        from .gguf_mlx4 import gemma4_gguf_to_mlx
+
+        return gemma4_gguf_to_mlx(src, dst, dtype, progress)
     config = config_from_gguf(info)
     target = getattr(mx, dtype)
     dst = Path(dst)
