@@ -88,7 +88,7 @@ SHAPES = {
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-_TOKENIZER_FORMAT = 2  # part of the cache key: bump it when _build_tokenizer_files changes
+_TOKENIZER_FORMAT = 3  # part of the cache key: bump it when _build_tokenizer_files changes
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
@@ -137,55 +137,11 @@ def _mkdir(path: Path) -> Path:
 
 
 def _build_tokenizer_files(vocab_gguf: Path, folder: Path) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE
+    """gemma-chat's own rebuild of Gemma 4's tokenizer from a GGUF (what ``gemma convert``
+    uses to import a Gemma 4 GGUF to MLX), checked here against llama.cpp's references."""
+    from gemma_chat.convert.gguf_mlx4 import write_gemma4_tokenizer
 
-    from gemma_chat.gguf_file import read_gguf
-
-    info = read_gguf(vocab_gguf)
-    if info.metadata.get("tokenizer.ggml.model") != "gemma4":
-        raise ValueError(f"{vocab_gguf.name} is not a Gemma 4 vocabulary "
-                         f"(tokenizer.ggml.model = {info.metadata.get('tokenizer.ggml.model')!r})")
-    tokens = info.read_array("tokenizer.ggml.tokens")
-    types = info.read_array("tokenizer.ggml.token_type")
-    merges = []
-    for merge in info.read_array("tokenizer.ggml.merges"):
-        # llama.cpp splits a merge at the first space after its first character (a piece may
-        # itself start with a space-like character); do the same.
-        cut = merge.find(" ", 1)
-        merges.append((merge[:cut], merge[cut + 1:]))
-    vocab = {token: i for i, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ValueError(f"{vocab_gguf.name}: duplicate tokens in the vocabulary")
-
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
-                              byte_fallback=True, dropout=None))
-    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    # CONTROL (3) and USER_DEFINED (4) tokens: Gemma 4's special tokens. They are matched as
-    # whole tokens in text (as the real tokenizer does), never split by the BPE.
-    specials = [tokens[i] for i, t in enumerate(types) if t in (3, 4)]
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in specials])
-    expected = set(NAMED_SPECIAL_TOKENS.values()) | set(EXTRA_SPECIAL_TOKENS.values())
-    if set(specials) != expected:
-        raise ValueError(f"{vocab_gguf.name}: special tokens differ from Gemma 4's "
-                         f"({sorted(set(specials) ^ expected)})")
-    # <bos> first, as Gemma's tokenizer.json says (transformers and gguf-py's SpecialVocab
-    # both read add_bos from this post-processor).
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos>:1 $B:1", special_tokens=[("<bos>", 2)])
-    tokenizer.save(str(folder / "tokenizer.json"))
-
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GemmaTokenizer", **NAMED_SPECIAL_TOKENS,
-        "extra_special_tokens": EXTRA_SPECIAL_TOKENS, "add_bos_token": True,
-        "add_eos_token": False, "padding_side": "left", "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000,
-    }, indent=2, ensure_ascii=False))
-    template = info.metadata.get("tokenizer.chat_template")
-    (folder / "chat_template.jinja").write_text(template if isinstance(template, str) else "")
+    write_gemma4_tokenizer(vocab_gguf, folder)
 
 
 def reference_tokenizations(vocab_gguf: Path) -> list[tuple[str, list[int]]]:
