@@ -26,25 +26,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from gemma_chat.convert.gguf_mlx4 import EXTRA_SPECIAL_TOKENS
+
 # The repo's test texts: tests/data, beside this file once it is in tests/.
 DATA = Path(__file__).resolve().parent / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/main/tests/data")
 SLIDING_WINDOW = 16
 
-#: Gemma 4's named special tokens, as its tokenizer_config.json declares them
-#: (``extra_special_tokens``): with bos/eos/unk/pad/mask they are the 24 tokens that
-#: transformers reports as special, and that llama.cpp's converter types CONTROL (or
-#: USER_DEFINED for the ones a chat parser must see, see gemma4_gguf.VISIBLE_TOKENS).
-EXTRA_SPECIAL_TOKENS = {
-    "image_token": "<|image|>", "video_token": "<|video|>", "boi_token": "<|image>",
-    "eoi_token": "<image|>", "audio_token": "<|audio|>", "boa_token": "<|audio>",
-    "eoa_token": "<audio|>", "sot_token": "<|turn>", "eot_token": "<turn|>",
-    "soc_token": "<|channel>", "eoc_token": "<channel|>", "think_token": "<|think|>",
-    "escape_token": '<|"|>', "str_token": "<|tool_response>", "etr_token": "<tool_response|>",
-    "stc_token": "<|tool_call>", "etc_token": "<tool_call|>", "std_token": "<|tool>",
-    "etd_token": "<tool|>",
-}
+#: With EXTRA_SPECIAL_TOKENS (Gemma 4's named special tokens, as its tokenizer_config.json
+#: declares them) the 24 tokens that transformers reports as special, and that llama.cpp's
+#: converter types CONTROL (or USER_DEFINED for the ones a chat parser must see, see
+#: gemma4_gguf.VISIBLE_TOKENS).
 NAMED_SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
                         "pad_token": "<pad>", "mask_token": "<mask>"}
 
