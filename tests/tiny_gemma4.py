@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tiny_models import train_on_ids
+
 from gemma_chat.convert.gguf_mlx4 import EXTRA_SPECIAL_TOKENS
 
 # The repo's test texts: tests/data, beside this file once it is in tests/.
@@ -253,7 +255,7 @@ def build_gemma4(folder: Path, *, vocab_gguf: Path, moe: bool = False, seed: int
         for layer in model.model.layers:  # a buffer, never trained: make it matter too
             layer.layer_scalar.copy_(0.75 + 0.5 * torch.rand_like(layer.layer_scalar))
     if train_steps:
-        _train(model, torch.tensor([compact[i] for i in text_ids]), train_steps)
+        train_on_ids(model, torch.tensor([compact[i] for i in text_ids]), train_steps)
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
              if k != "lm_head.weight"}  # tied to the embedding, as save_pretrained leaves it out
@@ -296,22 +298,6 @@ def training_text() -> list[str]:
         lines += [line for line in (DATA / name).read_text().splitlines() if line.strip()]
     lines += ["def f(x):\n    return x * 2", "    indented    words   and\ttabs", "1234 5678 90"]
     return lines
-
-
-def _train(model, ids, steps: int, window: int = 64, batch: int = 8) -> None:
-    """AdamW on random windows of ``ids`` (like tests/tiny_models._train)."""
-    import torch
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - window, (batch,))
-        x = torch.stack([ids[s:s + window] for s in starts.tolist()])
-        loss = model(x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
 
 
 def reference_logits(folder: Path, ids: list[int]):

@@ -99,7 +99,14 @@ def _train(model, tokenizer, steps: int, window: int = 64, batch: int = 8) -> No
     import torch
 
     text = "\n".join(training_text())
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+    train_on_ids(model, torch.tensor(tokenizer(text, add_special_tokens=False).input_ids),
+                 steps, window, batch)
+
+
+def train_on_ids(model, ids, steps: int, window: int = 64, batch: int = 8) -> None:
+    """AdamW (lr 3e-3) on ``batch`` random windows of ``ids`` a step, then eval mode."""
+    import torch
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
