@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from .family import layer_kinds
 
 N_UBATCH = 512
+#: Positions the MLX backend's sliding-window caches keep beyond their window, so that a
+#: roll-back of up to this many tokens (the last reply's thoughts, /retry) trims the cache
+#: instead of re-evaluating it.
+MLX_SWA_SLACK = 1024
 RUNTIME_OVERHEAD = 40 * 2**20  # the inference library, its threads and small buffers
 
 
@@ -71,6 +75,19 @@ def kv_cache_bytes(shape: dict, arch: str, n_ctx: int, swa_full: bool = False,
     # llama.cpp's sliding-window cache: the window plus one micro-batch, padded to 256 cells.
     swa_cells = n_ctx if swa_full else min(n_ctx, -(-(window + n_ubatch) // 256) * 256)
     return sum(per_cell * (swa_cells if swa else n_ctx)
+               for swa, per_cell in layer_plan(shape, arch))
+
+
+def mlx_kv_cache_bytes(shape: dict, arch: str, n_tokens: int, slack: int,
+                       dtype_bytes: int = 2) -> int:
+    """What mlx-lm's caches hold after ``n_tokens`` tokens of one conversation, in the model's
+    dtype (``dtype_bytes`` an element): global layers grow in steps of 256 cells; the rotating
+    sliding-window caches grow by up to 255 cells past what they hold, up to their window plus
+    ``slack`` (the MLX backend's room for roll-backs)."""
+    window = int(shape.get("sliding_window", n_tokens))
+    cells = -(-n_tokens // 256) * 256
+    swa_cells = min(n_tokens + 255, window + slack)
+    return sum(per_cell * dtype_bytes // 2 * (swa_cells if swa else cells)
                for swa, per_cell in layer_plan(shape, arch))
 
 
@@ -131,6 +148,8 @@ def shape_from_gguf(info) -> tuple[dict, str]:
         shape["sliding_window"] = window
     # Gemma 3n / 4: per-layer arrays and the keys of their global layers.
     prefix = info.architecture + "."
+    if prefix + "feed_forward_length" in info.arrays:  # per layer: the widest sizes the buffers
+        shape["ffn"] = max(int(v) for v in info.read_array(prefix + "feed_forward_length"))
     for key, name in (("attention.sliding_window_pattern", "swa_layers"),
                       ("attention.head_count_kv", "kv_heads_per_layer")):
         if prefix + key in info.arrays:
@@ -146,6 +165,36 @@ def shape_from_gguf(info) -> tuple[dict, str]:
     if isinstance(shared, int):
         shape["kv_shared_layers"] = shared
     return shape, info.architecture
+
+
+def shape_from_config(config: dict) -> tuple[dict, str | None]:
+    """The [shape] table of a Hugging Face or MLX model folder's ``config.json`` (the text
+    model's part of a multimodal one), and its architecture."""
+    from .family import GEMMA, architecture_of, layer_types, legacy_config_keys
+
+    arch = architecture_of(config.get("model_type"))
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text = {**text, **legacy_config_keys(text)}  # Gemma 4's global keys, Gemma 2/3's pattern
+    layers, hidden = int(text["num_hidden_layers"]), int(text["hidden_size"])
+    heads = int(text.get("num_attention_heads") or 8)
+    ffn = text.get("intermediate_size") or 0
+    shape = {"layers": layers, "d_model": hidden, "heads": heads,
+             "kv_heads": int(text.get("num_key_value_heads") or heads),
+             "head_dim": int(text.get("head_dim") or hidden // heads),
+             "ffn": max(ffn) if isinstance(ffn, list) else int(ffn),
+             "vocab": int(text.get("vocab_size") or 0)}
+    if arch in GEMMA and GEMMA[arch].sliding_window_pattern and text.get("sliding_window"):
+        shape["sliding_window"] = int(text["sliding_window"])
+        types = text.get("layer_types")
+        if not isinstance(types, list) or len(types) != layers:
+            types = layer_types(arch, layers)
+        shape["swa_layers"] = [t == "sliding_attention" for t in types]
+    for theirs, ours in (("global_head_dim", "head_dim_global"),
+                         ("num_global_key_value_heads", "kv_heads_global"),
+                         ("num_kv_shared_layers", "kv_shared_layers")):
+        if text.get(theirs):
+            shape[ours] = int(text[theirs])
+    return shape, arch
 
 
 def total_ram() -> int | None:

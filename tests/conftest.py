@@ -86,3 +86,39 @@ def assert_third_turn_reuses_cache(backend, texts=("Hello there", "What is water
     assert new <= third.prompt_eval_tokens <= new + 3, (third.prompt_eval_tokens, new)
     assert third.cached_tokens > 0
     return third
+
+
+def assert_mlx_cache_is_estimated(folder, monkeypatch) -> None:
+    """Through the MLX backend, a prompt of 400 tokens and a short reply: the bytes mlx-lm's
+    caches then hold are :func:`gemma_chat.memory.mlx_kv_cache_bytes` of the model's
+    config.json, within 10%, with a slack beyond the window that the sliding-window caches
+    fill (48) and the default one (1024) that they do not."""
+    for slack in (48, 1024):
+        _check_mlx_cache(folder, monkeypatch, slack)
+
+
+def _check_mlx_cache(folder, monkeypatch, slack: int) -> None:
+    import json
+
+    from gemma_chat import memory
+    from gemma_chat.backends import load_backend
+    from gemma_chat.backends import mlx as mlx_backend
+    from gemma_chat.backends.base import SamplingParams
+    from gemma_chat.loader import LoadOptions
+    from gemma_chat.resolve import resolve
+
+    monkeypatch.setattr(mlx_backend, "SWA_SLACK", slack)
+    shape, arch = memory.shape_from_config(json.loads((folder / "config.json").read_text()))
+    backend = load_backend(resolve(str(folder)), "mlx", LoadOptions(n_ctx=1024))
+    try:
+        words = "The cat sat on the mat and looked at the king. " * 40
+        ids = backend.tokenize(words, special=False)[:400]
+        for _ in backend.stream(ids, SamplingParams(temperature=0, max_tokens=20)):
+            pass
+        held = sum(c.nbytes for c in backend._cache)
+        n_tokens = backend._cache[0].offset
+        dtype_bytes = next(c.keys.dtype.size for c in backend._cache if c.keys is not None)
+    finally:
+        backend.close()
+    estimate = memory.mlx_kv_cache_bytes(shape, arch, n_tokens, slack, dtype_bytes)
+    assert n_tokens > 400 and abs(estimate - held) <= 0.1 * held, (slack, held, estimate)

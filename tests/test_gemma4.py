@@ -376,3 +376,10 @@ def test_gguf_to_mlx_matches_transformers(dense, tmp_path):
     ids = [2] + theirs.encode("\n".join(training_text()), add_special_tokens=False).ids
     ids = ids[:N_POSITIONS]
     check(reference_logits(dense.folder, ids), mlx_logits(out, ids), "q8")
+
+
+def test_memory_estimate_is_what_mlx_allocates(dense, monkeypatch):
+    pytest.importorskip("mlx_lm")
+    from conftest import assert_mlx_cache_is_estimated
+
+    assert_mlx_cache_is_estimated(dense.mlx, monkeypatch)

@@ -103,11 +103,12 @@ def _train(model, tokenizer, steps: int, window: int = 64, batch: int = 8) -> No
                  steps, window, batch)
 
 
-def train_on_ids(model, ids, steps: int, window: int = 64, batch: int = 8) -> None:
-    """AdamW (lr 3e-3) on ``batch`` random windows of ``ids`` a step, then eval mode."""
+def train_on_ids(model, ids, steps: int, window: int = 64, batch: int = 8,
+                 lr: float = 3e-3) -> None:
+    """AdamW on ``batch`` random windows of ``ids`` a step, then eval mode."""
     import torch
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         starts = torch.randint(0, len(ids) - window, (batch,))

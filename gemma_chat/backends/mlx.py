@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import BackendError, missing_extra
 from ..family import GEMMA, architecture_of, legacy_config_keys
+from ..memory import MLX_SWA_SLACK
 from . import base
 from .base import BackendBase, Chunk, ModelInfo, Prompt, SamplingParams, Stats
 
@@ -42,9 +43,7 @@ except ImportError:  # pragma: no cover - exercised where the extra is missing
     mx = None
 
 
-#: Positions a sliding-window cache keeps beyond its window, so that a roll-back of up to this
-#: many tokens (the last reply's thoughts, /retry) trims the cache instead of re-evaluating.
-SWA_SLACK = 1024
+SWA_SLACK = MLX_SWA_SLACK  # read at load time (tests narrow it)
 
 
 def add_window_slack(model, slack: int | None = None) -> None:
@@ -188,7 +187,7 @@ class MLXBackend(BackendBase):
             raise BackendError(f"mlx-lm could not load {path.name}: {exc}") from None
         if arch == "gemma2":
             add_gemma2_sliding_window(self._model, int(text.get("sliding_window") or 4096))
-        if arch in ("gemma2", "gemma3", "gemma4"):  # their masks take the window, not the size
+        if GEMMA[arch].sliding_window_pattern:  # their masks take the window, not the size
             add_window_slack(self._model)
         if config.get("quantization") and mx.default_device().type == mx.cpu:
             # MLX's CPU kernels for quantized matrix products are slow and lose accuracy with

@@ -107,6 +107,8 @@ def show(
             repacking = repack_summary()
             if repacking:
                 lines.append(f"repacking      {repacking}")
+        elif local.format == "mlx":
+            lines.append(mlx_memory_line(local.path, ctx))
     else:
         lines.append("on disk        no (`gemma pull` downloads it)")
     if arch is not None:
@@ -119,6 +121,23 @@ def show(
         if fmt.thought_channel:
             lines.append("thinking       yes: off by default; --think or /think on")
     typer.echo("\n".join(lines))
+
+
+def mlx_memory_line(folder, ctx: int) -> str:
+    """The memory an MLX model folder needs at ``ctx`` tokens: its weights and the KV cache
+    mlx-lm fills (16-bit, the sliding-window layers their window plus the backend's slack)."""
+    import json
+    from pathlib import Path
+
+    from .. import memory
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    shape, arch = memory.shape_from_config(config)
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    kv = memory.mlx_kv_cache_bytes(shape, arch, ctx, memory.MLX_SWA_SLACK)
+    return (f"memory         about {memory.human(weights + kv)} at context {ctx} (weights "
+            f"{memory.human(weights)}, KV cache {memory.human(kv)} in 16-bit; MLX)")
 
 
 def repack_summary() -> str:

@@ -81,11 +81,16 @@ class Result:
 
 def write_gguf(ckpt: Checkpoint, dst: Path, out_type: str = "f16", *, name: str | None = None,
                progress: Progress = lambda *a: None) -> Path:
-    """An unquantized GGUF of ``ckpt``: Gemma 4 by its own writer, Gemma 1-3 by ours."""
+    """An unquantized GGUF of ``ckpt``: Gemma 3n and Gemma 4 by their own writers, Gemma 1-3
+    by ours."""
     if ckpt.arch == "gemma4":
         from .gemma4_gguf import write_gemma4_gguf
 
         return write_gemma4_gguf(ckpt.folder, dst, out_type, name=name, progress=progress)
+    if ckpt.arch == "gemma3n":
+        from .gemma3n import write_gemma3n_gguf
+
+        return write_gemma3n_gguf(ckpt.folder, dst, out_type, name=name, progress=progress)
     return _write_gemma_gguf(ckpt, dst, out_type, name=name, progress=progress)
 
 
@@ -274,6 +279,10 @@ def stage_for_mlx(folder: Path, staged: Path) -> Path:
 
     from ..family import legacy_config_keys
 
+    if Checkpoint.open(folder).arch == "gemma3n":
+        from .gemma3n import stage_for_mlx as stage_gemma3n
+
+        return stage_gemma3n(folder, staged)
     staged.mkdir(parents=True)
     for item in folder.iterdir():
         if item.name != "config.json" and item.is_file():

@@ -30,8 +30,11 @@ def llama_cpp_logits(path: Path, ids: list[int], threads: int = 2) -> np.ndarray
 
 
 def mlx_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    """(len(ids), vocab) logits through gemma-chat's MLX backend for an MLX folder."""
+    """(len(ids), vocab) logits through gemma-chat's MLX backend for an MLX folder, with a
+    fresh prompt cache as generation has one (mlx-lm's Gemma 3n computes its KV-shared layers
+    from their own unused K/V weights when called without a cache)."""
     import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
 
     from ..backends import load_backend
     from ..loader import LoadOptions
@@ -40,8 +43,9 @@ def mlx_logits(folder: Path, ids: list[int]) -> np.ndarray:
     options = LoadOptions(n_ctx=max(256, len(ids) + 16))
     backend = load_backend(resolve(str(folder)), "mlx", options)
     try:
-        return np.array(backend._model(mx.array(ids)[None]).astype(mx.float32)[0],
-                        dtype=np.float64)
+        cache = make_prompt_cache(backend._model)
+        logits = backend._model(mx.array(ids)[None], cache=cache)
+        return np.array(logits.astype(mx.float32)[0], dtype=np.float64)
     finally:
         backend.close()
 

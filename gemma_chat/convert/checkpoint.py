@@ -24,10 +24,11 @@ from ..errors import InvalidModelFile, UnsupportedArchitecture
 from ..family import MODEL_TYPES, legacy_config_keys
 
 #: The architectures gemma convert writes from a Hugging Face checkpoint.
-CONVERTIBLE = ("gemma", "gemma2", "gemma3", "gemma4")
+CONVERTIBLE = ("gemma", "gemma2", "gemma3", "gemma3n", "gemma4")
 
 SUPPORTED = ("gemma (Gemma 1), gemma2 (Gemma 2), gemma3_text and gemma3 (Gemma 3, text part), "
-             "gemma4_text and gemma4 (Gemma 4, text part)")
+             "gemma3n_text and gemma3n (Gemma 3n, text part), gemma4_text and gemma4 (Gemma 4, "
+             "text part)")
 
 # Values transformers assumes when a Gemma 3 config leaves them out (Gemma3TextConfig).
 _GEMMA3_DEFAULTS = {
@@ -61,7 +62,7 @@ class Checkpoint:
 
     @property
     def arch(self) -> str:
-        """llama.cpp's architecture name: gemma, gemma2 or gemma3."""
+        """llama.cpp's architecture name: gemma, gemma2, gemma3, gemma3n or gemma4."""
         return MODEL_TYPES[self.model_type]
 
     @classmethod
@@ -195,6 +196,10 @@ def text_hparams(config: dict) -> dict:
         from .gemma4_gguf import gemma4_hparams
 
         return gemma4_hparams(config)
+    if MODEL_TYPES.get(model_type) == "gemma3n":
+        from .gemma3n import gemma3n_hparams
+
+        return gemma3n_hparams(config)
     if model_type == "gemma3":
         text = dict(config.get("text_config") or {})
         for key in ("tie_word_embeddings", "torch_dtype", "dtype"):
