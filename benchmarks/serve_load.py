@@ -1,28 +1,39 @@
-"""A bounded load test of ``gemma serve`` on loopback with the official openai client.
+"""Load on ``gemma serve`` and on llama.cpp's own ``llama-server``, in the same run.
 
-    python benchmarks/serve_load.py [-m MODEL] [--clients 8] [--requests 5] [--max-tokens 32]
+    python benchmarks/serve_load.py [-m MODEL] [--clients 8] [--requests 5] [--max-tokens 64]
+        [--parallel 8] [--llama-server PATH]
 
-Starts the server in this process on 127.0.0.1, then runs ``--clients`` concurrent streaming
-clients of ``--requests`` chat requests each. Reports requests completed, total generated
-tokens per second, and p50/p95 of request latency and time to first token. The server answers
-one request at a time, so latency includes queueing: it grows with the number of clients while
-throughput stays that of one stream.
+Three runs on loopback, each with the official openai client streaming chat requests of
+``--max-tokens`` tokens (temperature 0.8, a seed per request, so every reply has its length):
+
+1. ``gemma serve`` with one client (the baseline: what one conversation gets);
+2. ``gemma serve --parallel N`` with ``--clients`` clients of ``--requests`` requests each;
+3. ``llama-server --parallel N`` on the same GGUF under the same load, where ``--llama-server``
+   names its binary (build it from the llama.cpp that llama-cpp-python vendors:
+   ``cmake -B build -DLLAMA_BUILD_SERVER=ON && cmake --build build --target llama-server``).
+
+Reports, per run: requests completed, aggregate generated tokens per second (tokens / wall
+time), and time to first token p50/p95 (queueing included).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
 
+import httpx
 import openai
 import uvicorn
 
 from gemma_chat.backends.llamacpp import LlamaCppBackend
+from gemma_chat.backends.slots import SlotEngine
 from gemma_chat.resolve import resolve
 from gemma_chat.server import create_app
 
@@ -32,70 +43,130 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    """``clients`` threads of ``requests`` streamed chat requests each against ``url``."""
+
+    def client(n: int) -> list[tuple[float, int]]:
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
+        out = []
+        for i in range(requests):
+            start, first, tokens = time.perf_counter(), None, 0
+            stream = c.chat.completions.create(
+                model=model, max_tokens=max_tokens, temperature=0.8, seed=1000 * n + i,
+                stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": f"Tell me a story about the number "
+                                                      f"{1000 * n + i}."}])
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content and first is None:
+                    first = time.perf_counter() - start
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            out.append((first if first is not None else time.perf_counter() - start, tokens))
+        return out
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - start
+    ttft = [r[0] for r in results]
+    tokens = sum(r[1] for r in results)
+    return {"requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttft),
+            "ttft_p95": percentile(ttft, 0.95)}
+
+
+def serve_ours(path: str, parallel: int, n_ctx: int, threads: int | None):
+    """``gemma serve`` in this process: (url, stop)."""
+    backend = LlamaCppBackend(resolve(path), n_ctx=n_ctx, threads=threads)
+    engine = None
+    if parallel > 1:
+        backend.release_context()
+        engine = SlotEngine(backend, parallel)
+    app = create_app(backend, [backend.info.name], engine=engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(15)
+        if engine is not None:
+            engine.close()
+        backend.close()
+
+    return f"http://127.0.0.1:{port}/v1", backend.info.name, stop
+
+
+def serve_llama_server(binary: str, path: str, parallel: int, n_ctx: int,
+                       threads: int | None):
+    """llama.cpp's own server on the same GGUF: (url, stop)."""
+    port = free_port()
+    cmd = [binary, "-m", path, "--port", str(port), "--parallel", str(parallel),
+           "-c", str(n_ctx), "-t", str(threads or os.cpu_count()), "--no-webui"]
+    cmd += os.environ.get("LLAMA_SERVER_ARGS", "").split()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited with {proc.returncode}: {' '.join(cmd)}")
+        time.sleep(0.2)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(20)
+
+    return f"http://127.0.0.1:{port}/v1", "model", stop
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default="gemma-3-270m")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--ctx", type=int, default=8 * 1024, help="the whole context")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--llama-server", default=None, help="llama-server's binary")
     args = parser.parse_args()
+    path = str(resolve(args.model).path)
 
-    backend = LlamaCppBackend(resolve(args.model), n_ctx=4096)
-    app = create_app(backend, [backend.info.name])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
-
-    def client(n: int) -> list[tuple[float, float, int, bool]]:
-        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-        out = []
-        for i in range(args.requests):
-            start = time.perf_counter()
-            first = None
-            tokens = 0
-            finish = None
-            stream = c.chat.completions.create(
-                model=backend.info.name, max_tokens=args.max_tokens, temperature=0.7,
-                stream=True, stream_options={"include_usage": True},
-                messages=[{"role": "user", "content": f"Client {n}, question {i}: tell me "
-                                                      "something about the sea."}])
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content and first is None:
-                    first = time.perf_counter() - start
-                if chunk.choices and chunk.choices[0].finish_reason:
-                    finish = chunk.choices[0].finish_reason
-                if chunk.usage:
-                    tokens = chunk.usage.completion_tokens
-            out.append((time.perf_counter() - start, first or 0.0, tokens,
-                        finish in ("stop", "length")))
-        return out
-
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
-        results = [r for rs in pool.map(client, range(args.clients)) for r in rs]
-    wall = time.perf_counter() - start
-    server.should_exit = True
-
-    latencies = [r[0] for r in results]
-    ttfts = [r[1] for r in results]
-    tokens = sum(r[2] for r in results)
-    complete = sum(r[3] for r in results)
-    print(f"{backend.info.name} ({backend.info.quantization}), {args.clients} clients x "
-          f"{args.requests} requests, max_tokens {args.max_tokens}, streaming")
-    print(f"completed {complete}/{len(results)} well-formed streams in {wall:.1f} s; "
-          f"{tokens} tokens generated, {tokens / wall:.1f} tokens/s overall, "
-          f"{len(results) / wall:.2f} requests/s")
-    print(f"latency p50 {statistics.median(latencies):.2f} s, p95 "
-          f"{percentile(latencies, 0.95):.2f} s; TTFT p50 {statistics.median(ttfts):.2f} s, "
-          f"p95 {percentile(ttfts, 0.95):.2f} s (queueing included: one request at a time)")
-    backend.close()
-    return 0 if complete == len(results) else 1
+    runs = [("gemma serve, 1 client", lambda: serve_ours(path, 1, args.ctx, args.threads), 1),
+            (f"gemma serve --parallel {args.parallel}, {args.clients} clients",
+             lambda: serve_ours(path, args.parallel, args.ctx, args.threads), args.clients)]
+    if args.llama_server:
+        runs.append((f"llama-server --parallel {args.parallel}, {args.clients} clients",
+                     lambda: serve_llama_server(args.llama_server, path, args.parallel,
+                                                args.ctx, args.threads), args.clients))
+    print(f"{args.model}: {args.requests} requests per client, {args.max_tokens} tokens each, "
+          f"context {args.ctx}", file=sys.stderr)
+    print("| run | requests | tokens/s | TTFT p50 | TTFT p95 |")
+    print("|---|---|---|---|---|")
+    for label, start, clients in runs:
+        url, model, stop = start()
+        try:
+            load(url, model, 1, 1, 8)  # warm-up
+            r = load(url, model, clients, args.requests, args.max_tokens)
+        finally:
+            stop()
+        print(f"| {label} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.2f} s "
+              f"| {r['ttft_p95']:.2f} s |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

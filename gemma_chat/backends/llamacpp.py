@@ -277,6 +277,35 @@ class LlamaCppBackend(BackendBase):
         self._llm.n_tokens = len(ids)
         return ids
 
+    # -- what parallel slots share (gemma_chat.backends.slots) --------------------------------
+
+    @property
+    def model_pointer(self):
+        """llama.cpp's model, for another context on the same weights."""
+        return self._llm._model.model
+
+    @property
+    def sliding_window(self) -> int:
+        """The sliding-window cache's size in positions; 0 without one (or a full-size one)."""
+        return self._n_swa
+
+    @property
+    def end_of_generation(self) -> set[int]:
+        return set(self._eog)
+
+    def sampler_chain(self, sp: SamplingParams, logit_bias, history: Sequence[int]):
+        """The sampler chain a generation with ``sp`` uses (None: plain greedy, an argmax)."""
+        return self._sampler(sp, logit_bias, history)
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.piece)
+
+    def release_context(self) -> None:
+        """Free this backend's own context (its KV cache) when parallel slots take over the
+        model: tokenizing still works, generating here does not."""
+        self._llm._ctx.close()
+        self._released = True
+
     # -- generation -------------------------------------------------------------------------
 
     def _logits_view(self) -> np.ndarray:
@@ -330,6 +359,8 @@ class LlamaCppBackend(BackendBase):
         stop_ids: Sequence[int] | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[Chunk]:
+        if getattr(self, "_released", False):
+            raise BackendError("this model's context went to parallel slots")
         ids = base.checked_prompt(self, prompt)
         stops = base.stop_set(self._eog, stop_ids, ignore_eos)
         return self._generate(ids, sampling, stops, logit_bias, cancel or threading.Event())

@@ -18,14 +18,20 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8080,
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="GEMMA_API_KEY",
-        help="Require `Authorization: Bearer KEY` on /v1 requests.")] = None,
+        help="Require `Authorization: Bearer KEY` on API requests (/v1 and /api).")] = None,
     cors: Annotated[list[str] | None, typer.Option(
         "--cors", help="Allow browser requests from this origin (repeatable, or *).")] = None,
     backend: BackendOpt = "auto",
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
+    parallel: Annotated[int | None, typer.Option(
+        "--parallel", "-np", min=1, max=64,
+        help="Requests generated at once, in one batch (llama.cpp; they share the context). "
+             "Default: from the context, up to 4.")] = None,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", min=0, help="Requests that may wait for a slot before a 503.")] = 64,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
+    """Serve the model over OpenAI's (/v1/...) and Ollama's (/api/...) HTTP APIs."""
     from ..server import create_app
 
     if not 0 < port < 65536:
@@ -36,12 +42,38 @@ def serve(
         if spec is not None:
             names += [spec.name, *spec.aliases]
         names.append(model)
-        app_ = create_app(opened.backend, names, api_key=api_key, cors=cors or ())
-        url = f"http://{host}:{port}/v1"
-        stderr().print(f"serving [bold]{info.name}[/bold] ({info.backend}, context "
-                       f"{info.n_ctx}) at {url}; requests are served one at a time"
-                       f"{'; API key required' if api_key else ''}. Ctrl-C stops.")
-        run_until_signalled(app_, host, port)
+        slots = parallel if parallel is not None else default_parallel(info)
+        engine = None
+        if slots > 1 and info.backend == "llama.cpp":
+            from ..backends.slots import SlotEngine
+
+            opened.backend.release_context()  # the slots' context takes its memory
+            engine = SlotEngine(opened.backend, slots, max_queue=max_queue)
+            how = (f"{slots} requests at once, in parallel slots of {engine.n_ctx:,} tokens "
+                   f"each{'' if parallel else ' (--parallel sets another number)'}")
+        else:
+            if slots > 1:
+                stderr().print(f"[yellow]--parallel {slots}: the {info.backend} backend serves "
+                               "one request at a time[/yellow]")
+            how = f"requests one at a time, context {info.n_ctx:,} tokens"
+        try:
+            app_ = create_app(opened.backend, names, api_key=api_key, cors=cors or (),
+                              engine=engine, max_queue=max_queue)
+            stderr().print(f"serving [bold]{info.name}[/bold] ({info.backend}; {how}) at "
+                           f"http://{host}:{port}/v1 (OpenAI) and /api (Ollama)"
+                           f"{'; API key required' if api_key else ''}. Ctrl-C stops.")
+            run_until_signalled(app_, host, port)
+        finally:
+            if engine is not None:
+                engine.close()
+
+
+def default_parallel(info) -> int:
+    """Parallel slots when none are asked for: on llama.cpp, one per 8,192 tokens of the
+    context (chosen from this machine's memory), up to 4; one elsewhere."""
+    if info.backend != "llama.cpp":
+        return 1
+    return max(1, min(4, info.n_ctx // 8192))
 
 
 def run_until_signalled(app_, host: str, port: int) -> None:

@@ -1,14 +1,10 @@
-"""``gemma serve``: an OpenAI-compatible HTTP API over one loaded model.
+"""The core of ``gemma serve``: request checks, sampling from request fields, and generation
+for every API (OpenAI's in :mod:`.openai`, Ollama's in :mod:`.ollama`).
 
-    app = create_app(backend, names=["gemma-3-270m", "270m"])
-    uvicorn.run(app, host="127.0.0.1", port=8080)
-
-Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events, or not),
-``POST /v1/completions``, ``GET /v1/models``, ``GET /health``. One model is in memory and
-requests are served one at a time, in arrival order; the KV cache is re-used for the longest
-common token prefix, so a request that extends the previous conversation only evaluates its new
-tokens. Generation runs in a worker thread; a client that disconnects mid-stream stops it
-within one token.
+Generation goes through parallel slots (:mod:`gemma_chat.backends.slots`) where the server has
+them, else one request at a time in arrival order through the backend; either way the KV cache
+is re-used for the longest common token prefix, a bounded queue stands in front (a full queue
+answers 503), and a client that disconnects stops its generation within one token.
 """
 
 from __future__ import annotations
@@ -18,25 +14,22 @@ import hmac
 import json
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse
 
-from . import template
-from .backends.base import Backend, Chunk, SamplingParams, Stats
-from .errors import GemmaChatError, InvalidMessages
-from .generate import default_sampling
-from .prompt import PromptBuilder
-from .thinking import split_thoughts
+from .. import template
+from ..backends.base import Backend, Chunk, SamplingParams, Stats
+from ..errors import GemmaChatError, InvalidMessages
+from ..generate import default_sampling
+from ..prompt import PromptBuilder
+from ..thinking import split_thoughts
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+#: Requests that may wait for a slot (or, without slots, for the model) before a 503.
+DEFAULT_MAX_QUEUE = 64
 MAX_STOP_STRINGS = 4
 #: Gemma's longest token is 31 characters: a prompt of more than this many characters per token
 #: of context cannot fit, and is refused before it is tokenized.
@@ -55,7 +48,11 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers())
+
+    def headers(self) -> dict[str, str]:
+        """A full queue asks the client to come back shortly."""
+        return {"Retry-After": "1"} if self.code == "queue_full" else {}
 
 
 class StopStrings:
@@ -97,6 +94,8 @@ class Job:
     stops: list[str] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     thought_ids: tuple[int, int] | None = None  # a thinking model's channel markers
+    source: object = None  # its chunks, once admitted to the slots
+    admitted: bool = False
 
 
 @dataclass
@@ -110,8 +109,11 @@ class Server:
     """The loaded model, the queue in front of it, and the request handlers."""
 
     def __init__(self, backend: Backend, names: Iterable[str], api_key: str | None = None,
-                 max_body: int = DEFAULT_MAX_BODY):
+                 max_body: int = DEFAULT_MAX_BODY, engine=None,
+                 max_queue: int = DEFAULT_MAX_QUEUE):
         self.backend = backend
+        self.engine = engine  # parallel slots (SlotEngine), or None: one request at a time
+        self.max_queue = engine.max_queue if engine is not None else max_queue
         self.names = list(dict.fromkeys(n for n in names if n))
         self.api_key = api_key
         self.max_body = max_body
@@ -122,6 +124,18 @@ class Server:
         self.prompts = PromptBuilder(backend)
         self.jobs: set[Job] = set()  # waiting or generating
         self.closing = False
+
+    @property
+    def n_ctx(self) -> int:
+        """What one request may hold: a slot's share of the context, or the whole of it."""
+        return self.engine.n_ctx if self.engine is not None else self.backend.info.n_ctx
+
+    def status(self) -> dict[str, object]:
+        """Slots busy and requests waiting, for /health and Ollama's /api/ps."""
+        if self.engine is not None:
+            return self.engine.status()
+        return {"slots": 1, "busy": int(self.lock.locked()), "waiting": self.counters.waiting,
+                "max_queue": self.max_queue, "slot_context": self.n_ctx}
 
     def shutdown(self) -> None:
         """Stop taking requests and cancel every job: generations stop within a token."""
@@ -147,7 +161,7 @@ class Server:
                 chars += sum(len(p.get("text", "")) if isinstance(p, dict) and
                              isinstance(p.get("text"), str) else len(p) if isinstance(p, str)
                              else 0 for p in part)
-        n_ctx = self.backend.info.n_ctx
+        n_ctx = self.n_ctx
         if chars > n_ctx * MAX_CHARS_PER_TOKEN:
             raise APIError(400, f"the prompt is {chars:,} characters: more than a context of "
                                 f"{n_ctx} tokens can hold", code="context_length_exceeded")
@@ -212,10 +226,10 @@ class Server:
         max_tokens = number("max_completion_tokens", int) or number("max_tokens", int)
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
-        room = self.backend.info.n_ctx - prompt_len
+        room = self.n_ctx - prompt_len
         if room < 1:
             raise APIError(400, f"the prompt is {prompt_len} tokens and the context holds "
-                                f"{self.backend.info.n_ctx}", code="context_length_exceeded")
+                                f"{self.n_ctx}", code="context_length_exceeded")
         max_tokens = min(max_tokens or room, room)  # capped by the context
         overrides = {
             "temperature": number("temperature"), "top_p": number("top_p"),
@@ -304,46 +318,86 @@ class Server:
 
     # -- generation ---------------------------------------------------------------------------
 
+    def admit(self, job: Job) -> None:
+        """Take ``job`` into the queue, or refuse it with a 503 when the queue is full: called
+        before a response starts, so that a streamed request is refused with a status too."""
+        if self.engine is not None:
+            from ..backends.slots import QueueFull
+
+            try:  # queued in the engine at once
+                job.source = self.engine.stream(job.prompt, job.sampling, cancel=job.cancel)
+            except QueueFull as exc:
+                raise APIError(503, f"server busy: {exc}", "server_error",
+                               code="queue_full") from None
+        elif self.counters.waiting >= self.max_queue:
+            raise APIError(503, f"server busy: a request is being served and {self.max_queue} "
+                                "are waiting", "server_error", code="queue_full")
+        job.admitted = True
+
     async def generate(self, job: Job) \
             -> AsyncIterator[tuple[str, Stats | None, str | None, bool]]:
-        """Yield (text, stats, finish_reason, thought) as the model writes; one request at a
-        time. A thinking model's thoughts come apart (``thought``), never cut by stop strings.
+        """Yield (text, stats, finish_reason, thought) as the model writes. A thinking model's
+        thoughts come apart (``thought``), never cut by stop strings.
 
-        The backend runs in a worker thread; if the consumer stops early (a client
-        disconnected), the generation is cancelled and the lock is released when the worker
-        has finished, never before."""
+        Generation runs in a thread of its own, reading the slots' stream (or, without slots,
+        the backend's, one request at a time under the lock); if the consumer stops early (a
+        client disconnected) the generation is cancelled, and without slots the lock is
+        released when the thread has finished, never before."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        backend = self.backend
+        backend, engine = self.backend, self.engine
+        if not job.admitted:
+            self.admit(job)
+        source = job.source
+
+        def hand(item) -> None:
+            """To the event loop, unless the server has stopped it: then stop generating."""
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed
+                job.cancel.set()
 
         def worker() -> None:
             try:
-                chunks = backend.stream(job.prompt, job.sampling, cancel=job.cancel)
+                chunks = source if source is not None else \
+                    backend.stream(job.prompt, job.sampling, cancel=job.cancel)
                 for chunk in split_thoughts(chunks, job.thought_ids):
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                    hand(chunk)
             except BaseException as exc:  # handed to the event loop, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                hand(exc)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                hand(None)
+                try:
+                    loop.call_soon_threadsafe(finished)
+                except RuntimeError:
+                    pass
+
+        locked = engine is None
+
+        def finished() -> None:
+            self.jobs.discard(job)
+            if locked:
+                self.lock.release()
 
         self.jobs.add(job)
-        self.counters.waiting += 1
-        try:
-            await self.lock.acquire()
-        except BaseException:
-            self.jobs.discard(job)
-            raise
-        finally:
-            self.counters.waiting -= 1
-        if job.cancel.is_set():  # its client left, or the server is closing, while it waited
-            self.lock.release()
-            self.jobs.discard(job)
-            self.counters.cancelled += 1
-            yield "", None, "cancelled", False
-            return
-        future = loop.run_in_executor(None, worker)
-        future.add_done_callback(lambda _: self.jobs.discard(job))
-        future.add_done_callback(lambda _: self.lock.release())
+        if locked:
+            self.counters.waiting += 1
+            try:
+                await self.lock.acquire()
+            except BaseException:
+                self.jobs.discard(job)
+                raise
+            finally:
+                self.counters.waiting -= 1
+            if job.cancel.is_set():  # its client left, or the server is closing, while it waited
+                self.lock.release()
+                self.jobs.discard(job)
+                self.counters.cancelled += 1
+                yield "", None, "cancelled", False
+                return
+        # A thread per request, not the default executor's few: with slots, every request
+        # streams at once.
+        threading.Thread(target=worker, name="gemma-request", daemon=True).start()
         stops = StopStrings(job.stops)
         done = False
         try:
@@ -392,10 +446,6 @@ class Server:
                 stats = item.stats
 
 
-SHUTTING_DOWN = {"message": "the server is shutting down", "type": "server_error", "param": None,
-                 "code": "shutting_down"}
-
-
 async def watch_disconnect(request: Request, job: Job, every: float = 0.1) -> None:
     """Cancel ``job`` when its client goes away (a non-streamed request sends nothing until
     the end, so nothing else would notice)."""
@@ -404,139 +454,3 @@ async def watch_disconnect(request: Request, job: Job, every: float = 0.1) -> No
             job.cancel.set()
             return
         await asyncio.sleep(every)
-
-
-def usage(prompt_len: int, stats: Stats | None) -> dict[str, object]:
-    """OpenAI's usage record; ``cached_tokens`` counts the prompt tokens the KV cache held."""
-    completion = stats.generated_tokens if stats else 0
-    return {"prompt_tokens": prompt_len, "completion_tokens": completion,
-            "total_tokens": prompt_len + completion,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens if stats else 0}}
-
-
-def sse(data: object) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = None,
-               cors: Sequence[str] = (), max_body: int = DEFAULT_MAX_BODY) -> Starlette:
-    """The ASGI application serving ``backend`` under the model ``names`` (the first is the
-    full name)."""
-    server = Server(backend, names, api_key, max_body)
-
-    def guarded(handler):
-        async def endpoint(request: Request) -> Response:
-            try:
-                if request.url.path != "/health":
-                    server.check_auth(request)
-                return await handler(request)
-            except APIError as exc:
-                return exc.response()
-        return endpoint
-
-    async def health(request: Request) -> Response:
-        info = server.backend.info
-        return JSONResponse({
-            "status": "ok", "model": server.names[0], "backend": info.backend,
-            "context": info.n_ctx, "concurrency": 1,
-            "note": "one model in memory; requests are served one at a time, in order",
-            "waiting": server.counters.waiting, "busy": server.lock.locked(),
-            "served": server.counters.served, "cancelled": server.counters.cancelled,
-        })
-
-    async def models(request: Request) -> Response:
-        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "google"}
-                for name in server.names]
-        return JSONResponse({"object": "list", "data": data})
-
-    async def respond(request: Request, data: dict, job: Job, chat: bool) -> Response:
-        """The OpenAI response for a chat or text completion: SSE when streamed, else JSON."""
-        prefix = "chatcmpl" if chat else "cmpl"
-        base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": data.get("model") or server.names[0]}
-        chunk_object = "chat.completion.chunk" if chat else "text_completion"
-
-        def piece(text: str, reason: str | None, thought: bool = False) -> dict:
-            if chat:
-                key = "reasoning_content" if thought else "content"
-                return {"index": 0, "delta": {key: text} if text else {},
-                        "finish_reason": reason}
-            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-
-        if data.get("stream"):
-            include_usage = bool(server.stream_options(data).get("include_usage"))
-
-            async def events():
-                if chat:  # the role comes first, as OpenAI sends it
-                    yield sse({**base, "object": chunk_object, "choices": [
-                        {"index": 0, "delta": {"role": "assistant", "content": ""},
-                         "finish_reason": None}]})
-                stats = None
-                async for text, stats_, reason, thought in server.generate(job):
-                    stats = stats_ or stats
-                    if reason == "cancelled":  # the server is shutting down
-                        yield sse({"error": SHUTTING_DOWN})
-                        break
-                    if thought and not chat:
-                        continue  # a text completion has no place for thoughts
-                    if text or reason:
-                        yield sse({**base, "object": chunk_object,
-                                   "choices": [piece(text, reason, thought)]})
-                if include_usage:
-                    yield sse({**base, "object": chunk_object, "choices": [],
-                               "usage": usage(len(job.prompt), stats)})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        pieces, thoughts, stats, reason = [], [], None, "stop"
-        watcher = asyncio.create_task(watch_disconnect(request, job))
-        try:
-            async for text, stats_, reason_, thought in server.generate(job):
-                (thoughts if thought else pieces).append(text)
-                stats, reason = stats_ or stats, reason_ or reason
-        finally:
-            watcher.cancel()
-        if reason == "cancelled":  # the client left (nobody reads this), or shutdown
-            return JSONResponse({"error": SHUTTING_DOWN}, status_code=503)
-        text = "".join(pieces)
-        message = {"role": "assistant", "content": text}
-        if thoughts and "".join(thoughts):
-            message["reasoning_content"] = "".join(thoughts)
-        choice = ({"index": 0, "message": message, "finish_reason": reason} if chat else
-                  {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
-        return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
-                             "choices": [choice], "usage": usage(len(job.prompt), stats)})
-
-    def completion_endpoint(chat: bool):
-        build_prompt = server.chat_prompt if chat else server.completion_prompt
-
-        async def endpoint(request: Request) -> Response:
-            server.check_open()
-            data = await server.read_json(request)
-            server.check_model(data)
-            server.check_size(data)
-            # Tokenizing a long prompt takes a while: off the event loop, which keeps serving.
-            prompt = await asyncio.to_thread(build_prompt, data)
-            job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data),
-                      thought_ids=server.prompts.thought_ids)
-            return await respond(request, data, job, chat=chat)
-
-        return endpoint
-
-    chat_completions, completions = completion_endpoint(True), completion_endpoint(False)
-
-    middleware = []
-    if cors:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors),
-                                     allow_methods=["GET", "POST", "OPTIONS"],
-                                     allow_headers=["authorization", "content-type"]))
-    routes = [
-        Route("/health", guarded(health), methods=["GET"]),
-        Route("/v1/models", guarded(models), methods=["GET"]),
-        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
-        Route("/v1/completions", guarded(completions), methods=["POST"]),
-    ]
-    app = Starlette(routes=routes, middleware=middleware)
-    app.state.server = server
-    return app
