@@ -152,3 +152,11 @@ def test_a_thinking_model_thinks_unless_told_not_to():
             "model": "scripted4", "stream": False, "think": False,
             "messages": [{"role": "user", "content": "Hi"}]}).json()
         assert plain["message"]["content"] == "Yes." and "thinking" not in plain["message"]
+
+
+def test_a_server_without_a_queue_still_serves_when_idle(backend):
+    backend.enqueue("Hi.")
+    with TestClient(create_app(backend, ["scripted"], max_queue=0)) as client:
+        reply = client.post("/api/chat", json={"model": "scripted", "stream": False,
+                                               "messages": [{"role": "user", "content": "Hi"}]})
+        assert reply.status_code == 200 and reply.json()["message"]["content"] == "Hi."

@@ -147,7 +147,8 @@ class SlotEngine:
         with self._lock:
             if self._closed:
                 raise GemmaChatError("the engine is closed")
-            if len(self._waiting) >= self.max_queue:
+            free = sum(not s.busy for s in self._slots)
+            if len(self._waiting) >= self.max_queue + free:
                 raise QueueFull(f"all {self.n_slots} slots are busy and {self.max_queue} "
                                 "requests are waiting")
             self._waiting.append(request)

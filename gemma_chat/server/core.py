@@ -329,7 +329,7 @@ class Server:
             except QueueFull as exc:
                 raise APIError(503, f"server busy: {exc}", "server_error",
                                code="queue_full") from None
-        elif self.counters.waiting >= self.max_queue:
+        elif self.lock.locked() and self.counters.waiting >= self.max_queue:
             raise APIError(503, f"server busy: a request is being served and {self.max_queue} "
                                 "are waiting", "server_error", code="queue_full")
         job.admitted = True
