@@ -122,3 +122,43 @@ def _check_mlx_cache(folder, monkeypatch, slack: int) -> None:
         backend.close()
     estimate = memory.mlx_kv_cache_bytes(shape, arch, n_tokens, slack, dtype_bytes)
     assert n_tokens > 400 and abs(estimate - held) <= 0.1 * held, (slack, held, estimate)
+
+
+def assert_llama_cpp_cache_is_estimated(path) -> None:
+    """The KV cache estimate of the GGUF at ``path`` (per layer kind: sliding window plus a
+    micro-batch, global layers the whole context, none for KV-shared layers) equals, within
+    10%, the sizes llama.cpp logs when it allocates its caches, at two context sizes."""
+    import ctypes
+    import re
+
+    import llama_cpp
+
+    from gemma_chat import memory
+    from gemma_chat.backends import repack
+    from gemma_chat.backends.llamacpp import _quiet_logs
+    from gemma_chat.gguf_file import read_gguf
+
+    shape, arch = memory.shape_from_gguf(read_gguf(path))
+    repack.prepare()
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):  # noqa: ARG001
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        for n_ctx in (1024, 4096):
+            lines.clear()
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512,
+                                  flash_attn=True, swa_full=False, verbose=True)
+            llm.close()
+            sizes = [float(m.group(1)) for line in lines
+                     if (m := re.search(r"llama_kv_cache: size = *([0-9.]+) MiB", line))]
+            allocated = sum(sizes) * 2**20
+            estimate = memory.kv_cache_bytes(shape, arch, n_ctx)
+            assert len(sizes) == 2  # a global and a sliding-window cache
+            assert abs(estimate - allocated) <= 0.1 * allocated + 0.01 * 2**20, \
+                (n_ctx, sizes, estimate / 2**20)
+    finally:
+        _quiet_logs(False)  # keeps its own callback alive, as llama.cpp holds a raw pointer

@@ -316,46 +316,14 @@ def test_mlx_trims_a_wrapped_sliding_window_cache(dense, monkeypatch):
 
 
 def test_memory_estimate_is_what_llama_cpp_allocates(tiny):
-    """The KV cache estimate per layer kind (sliding window + micro-batch, global layers the
-    whole context, none for KV-shared layers, V even where K = V) equals the sizes llama.cpp
-    logs when it allocates its caches."""
-    import ctypes
-    import re
-
-    from gemma_chat import memory
-    from gemma_chat.backends import repack
-    from gemma_chat.gguf_file import read_gguf
+    """Sliding window + micro-batch, global layers the whole context, none for KV-shared
+    layers, V even where K = V: what llama.cpp allocates."""
+    from conftest import assert_llama_cpp_cache_is_estimated
 
     key = ("gguf", "f32")
     if key not in tiny.converted:
         tiny.converted[key] = convert(tiny.folder, tiny.root, "gguf", "f32")
-    path = tiny.converted[key]
-    shape, arch = memory.shape_from_gguf(read_gguf(path))
-    repack.prepare()
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def capture(level, text, user_data):  # noqa: ARG001
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
-    try:
-        for n_ctx in (1024, 4096):
-            lines.clear()
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512,
-                                  flash_attn=True, swa_full=False, verbose=True)
-            llm.close()
-            sizes = [float(m.group(1)) for line in lines
-                     if (m := re.search(r"llama_kv_cache: size = *([0-9.]+) MiB", line))]
-            allocated = sum(sizes) * 2**20
-            estimate = memory.kv_cache_bytes(shape, arch, n_ctx)
-            assert len(sizes) == 2  # a global and a sliding-window cache
-            assert abs(estimate - allocated) <= 0.1 * allocated + 0.01 * 2**20, \
-                (n_ctx, sizes, estimate / 2**20)
-    finally:
-        from gemma_chat.backends.llamacpp import _quiet_logs
-
-        _quiet_logs(False)  # keeps its own callback alive, as llama.cpp holds a raw pointer
+    assert_llama_cpp_cache_is_estimated(tiny.converted[key])
 
 
 def test_gguf_to_mlx_matches_transformers(dense, tmp_path):

@@ -435,6 +435,19 @@ class Server:
                 job.cancel.set()  # the client left: stop this generation within one token
                 self.counters.cancelled += 1
 
+    async def collect(self, request: Request, job: Job) -> tuple[str, str, Stats | None, str]:
+        """A non-streamed request's (answer, thoughts, stats, finish reason); its generation
+        stops when its client goes away, which nothing else would notice before the end."""
+        pieces, thoughts, stats, reason = [], [], None, "stop"
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            async for text, stats_, reason_, thought in self.generate(job):
+                (thoughts if thought else pieces).append(text)
+                stats, reason = stats_ or stats, reason_ or reason
+        finally:
+            watcher.cancel()
+        return "".join(pieces), "".join(thoughts), stats, reason
+
     @staticmethod
     async def _drain(queue: asyncio.Queue) -> Stats | None:
         stats = None

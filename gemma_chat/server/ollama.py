@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..backends.base import Stats
-from .core import APIError, Job, Server, watch_disconnect
+from .core import APIError, Job, Server
 
 #: The Ollama API version whose behaviour this mirrors (clients compare it).
 VERSION = "0.12.6"
@@ -351,17 +351,10 @@ def routes(server: Server, guarded) -> list[Route]:
 
             return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-        pieces, thoughts, stats, reason = [], [], None, "stop"
-        watcher = asyncio.create_task(watch_disconnect(request, job))
-        try:
-            async for text, stats_, reason_, thought in server.generate(job):
-                (thoughts if thought else pieces).append(text)
-                stats, reason = stats_ or stats, reason_ or reason
-        finally:
-            watcher.cancel()
+        text, thoughts, stats, reason = await server.collect(request, job)
         if reason == "cancelled":
             raise APIError(503, "the server is shutting down")
-        return JSONResponse(final(stats, reason, "".join(pieces), "".join(thoughts)))
+        return JSONResponse(final(stats, reason, text, thoughts))
 
     return [
         Route("/", root, methods=["GET", "HEAD"]),

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..backends.base import Stats
-from .core import Job, Server, watch_disconnect
+from .core import Job, Server
 
 SHUTTING_DOWN = {"message": "the server is shutting down", "type": "server_error", "param": None,
                  "code": "shutting_down"}
@@ -80,20 +80,12 @@ def routes(server: Server, guarded) -> list[Route]:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        pieces, thoughts, stats, reason = [], [], None, "stop"
-        watcher = asyncio.create_task(watch_disconnect(request, job))
-        try:
-            async for text, stats_, reason_, thought in server.generate(job):
-                (thoughts if thought else pieces).append(text)
-                stats, reason = stats_ or stats, reason_ or reason
-        finally:
-            watcher.cancel()
+        text, thoughts, stats, reason = await server.collect(request, job)
         if reason == "cancelled":  # the client left (nobody reads this), or shutdown
             return JSONResponse({"error": SHUTTING_DOWN}, status_code=503)
-        text = "".join(pieces)
         message = {"role": "assistant", "content": text}
-        if thoughts and "".join(thoughts):
-            message["reasoning_content"] = "".join(thoughts)
+        if thoughts:
+            message["reasoning_content"] = thoughts
         choice = ({"index": 0, "message": message, "finish_reason": reason} if chat else
                   {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
