@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -223,40 +221,30 @@ def test_chat_command_on_both_backends(tiny, tmp_path):
 
 def test_server_answers_the_openai_client(tiny):
     import openai
-    import uvicorn
-    from test_server import free_port
+    from conftest import serving
 
     from gemma_chat.server import create_app
 
     path = convert(tiny, "gguf", "q8_0")
     backend = load_backend(resolve(str(path)), "llama.cpp", LoadOptions(n_ctx=1024))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(backend, ["tiny-gemma3n"]),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                               max_retries=0, timeout=120)
-        messages = [{"role": "system", "content": "Answer briefly."},
-                    {"role": "user", "content": QUESTIONS[0]}]
-        reply = client.chat.completions.create(model="tiny-gemma3n", messages=messages,
-                                               temperature=0, max_tokens=60)
-        message = reply.choices[0].message
-        assert message.content.strip() and reply.choices[0].finish_reason == "stop"
-        assert getattr(message, "reasoning_content", None) is None
-        # Asking a model without a thinking mode to think changes nothing.
-        stream = client.chat.completions.create(
-            model="tiny-gemma3n", messages=messages, temperature=0, max_tokens=60, stream=True,
-            extra_body={"chat_template_kwargs": {"enable_thinking": True}})
-        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        assert text == message.content
+        with serving(create_app(backend, ["tiny-gemma3n"])) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x",
+                                   max_retries=0, timeout=120)
+            messages = [{"role": "system", "content": "Answer briefly."},
+                        {"role": "user", "content": QUESTIONS[0]}]
+            reply = client.chat.completions.create(model="tiny-gemma3n", messages=messages,
+                                                   temperature=0, max_tokens=60)
+            message = reply.choices[0].message
+            assert message.content.strip() and reply.choices[0].finish_reason == "stop"
+            assert getattr(message, "reasoning_content", None) is None
+            # Asking a model without a thinking mode to think changes nothing.
+            stream = client.chat.completions.create(
+                model="tiny-gemma3n", messages=messages, temperature=0, max_tokens=60, stream=True,
+                extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert text == message.content
     finally:
-        server.should_exit = True
-        thread.join(15)
         backend.close()
 
 

@@ -10,8 +10,6 @@ trained on thinking chats too, so they really open, fill and close their thought
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -233,48 +231,38 @@ def test_run_json_keeps_thoughts_apart(dense):
 
 def test_server_sends_reasoning_content_to_the_openai_client(dense):
     import openai
-    import uvicorn
-    from test_server import free_port
+    from conftest import serving
 
     from gemma_chat.server import create_app
 
     backend = load_backend(resolve(str(dense.gguf)), "llama.cpp", LoadOptions(n_ctx=1024))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(backend, ["tiny-gemma4"]),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                               max_retries=0, timeout=120)
-        messages = [{"role": "user", "content": "Tell me a story."}]
-        reply = client.chat.completions.create(
-            model="tiny-gemma4", messages=messages, temperature=0, max_tokens=60,
-            extra_body={"chat_template_kwargs": {"enable_thinking": True}})
-        message = reply.choices[0].message
-        assert message.reasoning_content.startswith("The user asks about")
-        assert message.content.strip() and "The user asks about" not in message.content
-        stream = client.chat.completions.create(
-            model="tiny-gemma4", messages=messages, temperature=0, max_tokens=60, stream=True,
-            reasoning_effort="high")
-        thoughts, text = [], []
-        for chunk in stream:
-            if chunk.choices:
-                delta = chunk.choices[0].delta
-                thoughts.append(getattr(delta, "reasoning_content", None) or "")
-                text.append(delta.content or "")
-        assert "".join(thoughts) == message.reasoning_content
-        assert "".join(text) == message.content
-        # Thinking off (the default): no reasoning_content, the answer straight away.
-        plain = client.chat.completions.create(model="tiny-gemma4", messages=messages,
-                                               temperature=0, max_tokens=30)
-        assert getattr(plain.choices[0].message, "reasoning_content", None) is None
+        with serving(create_app(backend, ["tiny-gemma4"])) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x",
+                                   max_retries=0, timeout=120)
+            messages = [{"role": "user", "content": "Tell me a story."}]
+            reply = client.chat.completions.create(
+                model="tiny-gemma4", messages=messages, temperature=0, max_tokens=60,
+                extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+            message = reply.choices[0].message
+            assert message.reasoning_content.startswith("The user asks about")
+            assert message.content.strip() and "The user asks about" not in message.content
+            stream = client.chat.completions.create(
+                model="tiny-gemma4", messages=messages, temperature=0, max_tokens=60, stream=True,
+                reasoning_effort="high")
+            thoughts, text = [], []
+            for chunk in stream:
+                if chunk.choices:
+                    delta = chunk.choices[0].delta
+                    thoughts.append(getattr(delta, "reasoning_content", None) or "")
+                    text.append(delta.content or "")
+            assert "".join(thoughts) == message.reasoning_content
+            assert "".join(text) == message.content
+            # Thinking off (the default): no reasoning_content, the answer straight away.
+            plain = client.chat.completions.create(model="tiny-gemma4", messages=messages,
+                                                   temperature=0, max_tokens=30)
+            assert getattr(plain.choices[0].message, "reasoning_content", None) is None
     finally:
-        server.should_exit = True
-        thread.join(15)
         backend.close()
 
 

@@ -4,7 +4,6 @@ own sampling; prefix reuse per slot; cancellation; the bounded queue; Ollama's o
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import threading
 import time
 
@@ -15,7 +14,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow
 
-from test_server import free_port  # noqa: E402
+from conftest import serving as served_app  # noqa: E402
 
 from gemma_chat.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from gemma_chat.backends.slots import SlotEngine  # noqa: E402
@@ -25,24 +24,8 @@ from gemma_chat.server import create_app  # noqa: E402
 SLOTS = 4
 
 
-@contextlib.contextmanager
 def serving(backend, engine):
-    import uvicorn
-
-    app = create_app(backend, ["gemma-3-270m", "270m"], engine=engine)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    return served_app(create_app(backend, ["gemma-3-270m", "270m"], engine=engine))
 
 
 @pytest.fixture(scope="module")
