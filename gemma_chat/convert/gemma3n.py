@@ -48,7 +48,6 @@ from statistics import NormalDist
 
 import numpy as np
 
-from .. import store
 from ..errors import InvalidModelFile, UnsupportedArchitecture
 from . import hf_gguf
 from .checkpoint import _DTYPES, Checkpoint, bf16_to_f32, f32_to_bf16, text_model_name
@@ -384,29 +383,12 @@ def write_gemma3n_gguf(folder: Path, dst: Path, out_type: str = "f16", *,
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3N])
     add_metadata(writer, hp, out_type, name or ckpt.folder.name)
     plan = tensor_plan(ckpt, hp, out_type, len(tokens))
-    for gguf_name, _, shape, dtype in plan:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        raw = gguf.GGMLQuantizationType.BF16 if dtype == np.uint16 else None
-        writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=raw)
+    total = hf_gguf.add_tensor_infos(writer, [(n, shape, dtype) for n, _, shape, dtype in plan])
     writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
     hf_gguf.add_tokenizer(writer, ckpt, tokens, scores, types)
-    total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, _, shape, dtype in plan)
-
-    with store.atomic_path(Path(dst)) as tmp:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        done, stage = 0, f"writing {out_type.upper()} GGUF"
-        try:
-            for gguf_name, source, shape, dtype in plan:
-                progress(stage, done, total, gguf_name)
-                data = source.data(shape, dtype)
-                writer.write_tensor_data(data)
-                done += data.nbytes
-            progress(stage, total, total, "")
-        finally:
-            writer.close()
-    return Path(dst)
+    return hf_gguf.write_file(writer, dst, out_type, total, progress,
+                              [(n, lambda src=src, sh=sh, d=d: src.data(sh, d))
+                               for n, src, sh, d in plan])
 
 
 # -- mlx-lm ---------------------------------------------------------------------------------------

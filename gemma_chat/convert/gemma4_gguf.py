@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import store
 from ..errors import InvalidModelFile, UnsupportedArchitecture
+from . import hf_gguf
 from .checkpoint import _DTYPES, Checkpoint, _weight_files, bf16_to_f32, f32_to_bf16
 
 Progress = Callable[..., object]  # (stage, done, total, detail="")
@@ -540,27 +540,14 @@ def write_gemma4_gguf(folder: Path, dst: Path, out_type: str = "f16", *,
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA4])
     add_metadata(writer, hp, out_type, name or ckpt.folder.name)
     plan = tensor_plan(ckpt, hp, out_type, len(vocab.tokens))
-    for gguf_name, _, shape, dtype in plan:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        raw = gguf.GGMLQuantizationType.BF16 if dtype == np.uint16 else None
-        writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=raw)
+    total = hf_gguf.add_tensor_infos(writer, [(n, shape, dtype) for n, _, shape, dtype in plan])
     # As llama.cpp's converter labels it ("67M", "8x17M"), from the tensor table.
     writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
     add_tokenizer(writer, vocab)
-    total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, _, shape, dtype in plan)
 
-    with store.atomic_path(Path(dst)) as tmp:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        done, stage = 0, f"writing {out_type.upper()} GGUF"
-        try:
-            for gguf_name, tensor, shape, dtype in plan:
-                progress(stage, done, total, gguf_name)
-                data = tensor if isinstance(tensor, np.ndarray) else _Rows(tensor, shape, dtype)
-                writer.write_tensor_data(data)
-                done += data.nbytes
-            progress(stage, total, total, "")
-        finally:
-            writer.close()
-    return Path(dst)
+    def data(tensor, shape, dtype):
+        return tensor if isinstance(tensor, np.ndarray) else _Rows(tensor, shape, dtype)
+
+    return hf_gguf.write_file(writer, dst, out_type, total, progress,
+                              [(n, lambda t=t, sh=sh, d=d: data(t, sh, d))
+                               for n, t, sh, d in plan])

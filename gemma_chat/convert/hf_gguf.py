@@ -53,26 +53,50 @@ def write_gguf(ckpt: Checkpoint, dst: Path, out_type: str = "f16", *, name: str 
     add_tokenizer(writer, ckpt, tokens, scores, types)
 
     plan = tensor_plan(ckpt, out_type, len(tokens))
-    for gguf_name, _, shape, dtype, _ in plan:
+    total = add_tensor_infos(writer, [(n, shape, dtype) for n, _, shape, dtype, _ in plan])
+
+    def read(tensor, shape, dtype, shift):
+        array = Checkpoint.read(tensor, dtype, shift)
+        if array.shape != tuple(shape):  # the embedding, cut to the vocabulary
+            array = np.ascontiguousarray(array[: shape[0]])
+        return array
+
+    return write_file(writer, dst, out_type, total, progress,
+                      [(n, lambda t=t, sh=sh, d=d, s=s: read(t, sh, d, s))
+                       for n, t, sh, d, s in plan])
+
+
+def add_tensor_infos(writer, specs) -> int:
+    """Declare each (name, shape, numpy dtype) tensor in the writer's table (uint16 meaning
+    bf16); return their total size in bytes."""
+    import gguf
+
+    total = 0
+    for name, shape, dtype in specs:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         raw = gguf.GGMLQuantizationType.BF16 if dtype == np.uint16 else None
-        writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=raw)
-    total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, _, shape, dtype, _ in plan)
+        writer.add_tensor_info(name, shape, np.dtype(dtype), nbytes, raw_dtype=raw)
+        total += nbytes
+    return total
 
+
+def write_file(writer, dst: Path, out_type: str, total: int, progress: Progress,
+               tensors) -> Path:
+    """Write the writer's header, metadata and tensor table, then each tensor's data, to
+    ``dst`` atomically; ``tensors`` is [(name, a function giving an object with ``nbytes``
+    and ``tofile``)] in table order, each made only when it is written."""
     with store.atomic_path(Path(dst)) as tmp:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         done, stage = 0, f"writing {out_type.upper()} GGUF"
         try:
-            for gguf_name, tensor, shape, dtype, shift in plan:
-                progress(stage, done, total, gguf_name)
-                array = Checkpoint.read(tensor, dtype, shift)
-                if array.shape != tuple(shape):  # the embedding, cut to the vocabulary
-                    array = np.ascontiguousarray(array[: shape[0]])
-                writer.write_tensor_data(array)
-                done += array.nbytes
-                del array
+            for name, make in tensors:
+                progress(stage, done, total, name)
+                data = make()
+                writer.write_tensor_data(data)
+                done += data.nbytes
+                del data
             progress(stage, total, total, "")
         finally:
             writer.close()
