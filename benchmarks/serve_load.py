@@ -1,11 +1,11 @@
 """Load on ``gemma serve`` and on llama.cpp's own ``llama-server``, in the same run.
 
-    python benchmarks/serve_load.py [-m MODEL] [--clients 8] [--requests 5] [--max-tokens 64]
-        [--parallel 8] [--llama-server PATH]
+    python benchmarks/serve_load.py [-m MODEL] [--backend llama.cpp|mlx] [--clients 8]
+        [--requests 5] [--max-tokens 64] [--parallel 8] [--llama-server PATH]
 
 Three runs on loopback, each with the official openai client streaming chat requests of
 ``--max-tokens`` tokens (temperature 0.8, no seed: seeded requests are decoded reproducibly,
-at a cost; see gemma_chat.backends.slots):
+at a cost; see gemma_chat.backends.slots and mlx_slots):
 
 1. ``gemma serve`` with one client (the baseline: what one conversation gets);
 2. ``gemma serve --parallel N`` with ``--clients`` clients of ``--requests`` requests each;
@@ -33,8 +33,9 @@ import httpx
 import openai
 import uvicorn
 
-from gemma_chat.backends.llamacpp import LlamaCppBackend
-from gemma_chat.backends.slots import SlotEngine
+from gemma_chat.backends import load_backend
+from gemma_chat.cli.serve import parallel_engine
+from gemma_chat.loader import LoadOptions
 from gemma_chat.resolve import resolve
 from gemma_chat.server import create_app
 
@@ -82,13 +83,10 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
             "ttft_p95": percentile(ttft, 0.95)}
 
 
-def serve_ours(path: str, parallel: int, n_ctx: int, threads: int | None):
+def serve_ours(resolved, backend_name: str, parallel: int, n_ctx: int, threads: int | None):
     """``gemma serve`` in this process: (url, stop)."""
-    backend = LlamaCppBackend(resolve(path), n_ctx=n_ctx, threads=threads)
-    engine = None
-    if parallel > 1:
-        backend.release_context()
-        engine = SlotEngine(backend, parallel)
+    backend = load_backend(resolved, backend_name, LoadOptions(n_ctx=n_ctx, threads=threads))
+    engine = parallel_engine(backend, parallel, 64) if parallel > 1 else None
     app = create_app(backend, [backend.info.name], engine=engine)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
@@ -137,6 +135,7 @@ def serve_llama_server(binary: str, path: str, parallel: int, n_ctx: int,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default="gemma-3-270m")
+    parser.add_argument("--backend", default="llama.cpp", choices=["llama.cpp", "mlx"])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -145,11 +144,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--llama-server", default=None, help="llama-server's binary")
     args = parser.parse_args()
-    path = str(resolve(args.model).path)
+    resolved = resolve(args.model, ("mlx",) if args.backend == "mlx" else ("gguf",))
+    path = str(resolved.path)
 
-    runs = [("gemma serve, 1 client", lambda: serve_ours(path, 1, args.ctx, args.threads), 1),
-            (f"gemma serve --parallel {args.parallel}, {args.clients} clients",
-             lambda: serve_ours(path, args.parallel, args.ctx, args.threads), args.clients)]
+    def ours(parallel: int):
+        return lambda: serve_ours(resolved, args.backend, parallel, args.ctx, args.threads)
+
+    runs = [(f"gemma serve ({args.backend}), 1 client", ours(1), 1),
+            (f"gemma serve ({args.backend}) --parallel {args.parallel}, {args.clients} clients",
+             ours(args.parallel), args.clients)]
     if args.llama_server:
         runs.append((f"llama-server --parallel {args.parallel}, {args.clients} clients",
                      lambda: serve_llama_server(args.llama_server, path, args.parallel,

@@ -60,6 +60,19 @@ def backend(gguf_path):
     engine.close()
 
 
+@pytest.fixture(scope="session")
+def mlx_270m(gguf_path) -> Path:
+    """The real 270M imported to MLX by ``gemma convert --to mlx`` (bf16), once per store."""
+    from gemma_chat import store
+
+    target = store.model_dir("gemma-3-270m") / "mlx-bf16"
+    if not target.exists():
+        result = run_gemma("convert", "gemma-3-270m", "--to", "mlx", timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "mlx-bf16" in result.stderr
+    return target
+
+
 def run_gemma(*args: str, input: str | None = None, env: dict | None = None,
               timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the installed ``gemma`` script; stdout and stderr captured as text."""

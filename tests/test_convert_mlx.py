@@ -13,7 +13,6 @@ pytest.importorskip("torch")  # transformers' GGUF tokenizer loader needs it
 
 from conftest import assert_third_turn_reuses_cache, run_gemma  # noqa: E402
 
-from gemma_chat import store  # noqa: E402
 from gemma_chat.convert.check import agreement, llama_cpp_logits, mlx_logits  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the real model, a subprocess or a converter
@@ -28,13 +27,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def converted(gguf_path):
-    target = store.model_dir("gemma-3-270m") / "mlx-bf16"
-    if not target.exists():
-        result = run_gemma("convert", "gemma-3-270m", "--to", "mlx", timeout=600)
-        assert result.returncode == 0, result.stderr
-        assert "mlx-bf16" in result.stderr
-    return target
+def converted(mlx_270m):
+    return mlx_270m
 
 
 @pytest.fixture(scope="module")

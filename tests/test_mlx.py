@@ -256,6 +256,38 @@ def test_serve_with_the_mlx_backend(tiny):
         assert lines[-1] == "data: [DONE]"
 
 
+def test_parallel_slots_decode_each_architecture_together(tiny):
+    """Three prompts decoded in one batch (mlx-lm's BatchGenerator: padded caches and array
+    masks, Gemma 2's grouped-query masks among them) give each the greedy tokens it gets
+    alone; a seeded request gives its own tokens beside the others; a prompt extending an
+    earlier one evaluates only its new tokens."""
+    from gemma_chat.backends.mlx_slots import MlxSlotEngine
+
+    _, backend = tiny
+    prompts = [backend.tokenize(f"<bos>{text}") for text in
+               ("Water boils", "The river runs to the sea and", "Gemma is a family")]
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    alone = []
+    for ids in prompts:
+        backend.trim_cache(0)
+        alone.append(run(backend, ids, greedy, ignore_eos=True)[1].token_ids)
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=6)
+    engine = MlxSlotEngine(backend, 4, n_ctx=4 * 512)
+    try:
+        by_itself = list(engine.stream(prompts[0], seeded, ignore_eos=True))[-1].stats
+        streams = [engine.stream(ids, greedy, ignore_eos=True) for ids in prompts]
+        streams.append(engine.stream(prompts[0], seeded, ignore_eos=True))
+        results = [list(s)[-1].stats for s in streams]
+        assert [r.token_ids for r in results[:3]] == alone
+        assert results[3].token_ids == by_itself.token_ids
+        longer = prompts[1] + alone[1] + backend.tokenize(" and back")
+        extended = list(engine.stream(longer, greedy))[-1].stats
+        assert extended.prompt_eval_tokens == len(longer) - len(prompts[1]) - len(alone[1])
+        assert engine.status()["busy"] == 0
+    finally:
+        engine.close()
+
+
 def test_newer_config_form_is_read_like_the_older_one(tmp_path):
     """transformers 5 writes rope_parameters and layer_types; mlx-lm reads rope_theta,
     rope_local_base_freq and sliding_window_pattern. Both forms must give the same model."""

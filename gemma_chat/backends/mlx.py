@@ -19,7 +19,9 @@ A roll-back further than that re-evaluates the prompt, and the stats say so.
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import tempfile
 import threading
 import time
@@ -38,7 +40,7 @@ try:
     from mlx_lm import load as mlx_load
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+    from mlx_lm.sample_utils import make_logits_processors
 except ImportError:  # pragma: no cover - exercised where the extra is missing
     mx = None
 
@@ -123,6 +125,10 @@ class _SlidingWindowGemma2:
         full = create_attention_mask(h, cache[1] if len(cache) > 1 else None,
                                      return_array=True)
         local = create_attention_mask(h, cache[0], window_size=self.window, return_array=True)
+        if getattr(full, "ndim", 0) == 4 and self.layers[0].self_attn.repeats > 1:
+            # A batch's masks are (B, 1, L, S); with grouped queries the scores are
+            # (B, kv_heads, repeats, L, S), which the mask must meet one axis further in.
+            full, local = full[:, :, None], local[:, :, None]
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             h = layer(h, local if i % 2 == 0 else full, c)
         return self.norm(h)
@@ -291,15 +297,8 @@ class MLXBackend(BackendBase):
         reused = len(self._cached)
         stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
                       cache_note=note)
-        sampler = make_sampler(temp=sp.temperature, top_p=sp.top_p if sp.top_p < 1 else 0.0,
-                               min_p=sp.min_p, top_k=sp.top_k)
-        processors = make_logits_processors(
-            logit_bias=dict(logit_bias) if logit_bias else None,
-            repetition_penalty=sp.repeat_penalty if sp.repeat_penalty != 1.0 else None,
-            repetition_context_size=sp.repeat_last_n)
+        sampler, processors = sampling_functions(sp, logit_bias)
         stats.sampler = base.describe_sampler(sp, logit_bias)
-        if sp.seed is not None:
-            mx.random.seed(sp.seed)
         room = self._n_ctx - len(ids)
         limit = min(sp.max_tokens or room, room)
         detok = self._tok.detokenizer
@@ -345,4 +344,86 @@ class MLXBackend(BackendBase):
         self._model = None
         self._cache = None
 
+    # -- what parallel slots share (gemma_chat.backends.mlx_slots) ---------------------------
 
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def end_of_generation(self) -> set[int]:
+        return {*self._eos, *([self._eot] if self._eot is not None else [])}
+
+    def detokenizer(self) -> StreamingText:
+        return StreamingText(self._tok.detokenizer)
+
+
+class StreamingText:
+    """mlx-lm's streaming detokenizer with the push/flush interface of llama.cpp's."""
+
+    def __init__(self, detok):
+        self._detok = detok
+
+    def push(self, token: int) -> str:
+        self._detok.add_token(token)
+        return self._detok.last_segment
+
+    def flush(self) -> str:
+        self._detok.finalize()
+        return self._detok.last_segment
+
+
+def sampling_functions(sp: SamplingParams, logit_bias: Mapping[int, float] | None = None):
+    """The sampler and mlx-lm logits processors for ``sp``.
+
+    The sampler draws from a random key of its own (``sp.seed``, else a fresh one), never from
+    MLX's global random state: requests decoded together each keep their own sequence of
+    draws, and no thread leaves the global state behind. (mlx-lm's samplers are compiled
+    against the global state; used from a worker thread, that state makes the process abort
+    at exit, now and then, with "terminate called without an active exception".) The filters
+    are mlx-lm's, in its order: top-p, min-p, top-k, then the temperature.
+    """
+    processors = make_logits_processors(
+        logit_bias=dict(logit_bias) if logit_bias else None,
+        repetition_penalty=sp.repeat_penalty if sp.repeat_penalty != 1.0 else None,
+        repetition_context_size=sp.repeat_last_n)
+    if sp.greedy:
+        return (lambda logprobs: mx.argmax(logprobs, axis=-1)), processors
+    filters = []
+    if 0 < sp.top_p < 1:
+        filters.append(lambda x: _top_p(x, sp.top_p))
+    if sp.min_p > 0:
+        filters.append(lambda x: _min_p(x, sp.min_p))
+    if sp.top_k > 0:
+        filters.append(lambda x: _top_k(x, sp.top_k))
+    key = mx.random.key(sp.seed if sp.seed is not None else random.SystemRandom().getrandbits(63))
+
+    def sampler(logprobs):
+        nonlocal key
+        for keep in filters:
+            logprobs = keep(logprobs)
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1.0 / sp.temperature), key=draw)
+
+    return sampler, processors
+
+
+def _top_k(logprobs, k: int):
+    if k >= logprobs.shape[-1]:
+        return logprobs
+    kth = mx.sort(logprobs, axis=-1)[..., -k:-k + 1] if k > 1 else \
+        mx.max(logprobs, axis=-1, keepdims=True)
+    return mx.where(logprobs >= kth, logprobs, -mx.inf)
+
+
+def _top_p(logprobs, p: float):
+    """Keep the most likely tokens whose probabilities sum to ``p`` (the first always)."""
+    ranked = mx.sort(logprobs, axis=-1)[..., ::-1]
+    before = mx.cumsum(mx.exp(ranked), axis=-1) - mx.exp(ranked)  # mass ahead of each
+    floor = mx.min(mx.where(before < p, ranked, mx.inf), axis=-1, keepdims=True)
+    return mx.where(logprobs >= floor, logprobs, -mx.inf)
+
+
+def _min_p(logprobs, m: float):
+    floor = mx.max(logprobs, axis=-1, keepdims=True) + math.log(m)
+    return mx.where(logprobs >= floor, logprobs, -mx.inf)

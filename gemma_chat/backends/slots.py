@@ -23,26 +23,22 @@ refuses at once (:class:`QueueFull`). A cancelled request leaves its slot within
 
 from __future__ import annotations
 
-import collections
-import queue
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import BackendError, GemmaChatError
+from ..errors import BackendError
 from . import base
-from .base import Chunk, Prompt, SamplingParams, Stats
+from .batching import DEFAULT_MAX_QUEUE, PREFILL_CHUNK, BatchingEngine, QueueFull, Request, Run
 
 try:
     import llama_cpp
 except ImportError:  # pragma: no cover - exercised where the extra is missing
     llama_cpp = None
 
-#: Prompt tokens one sequence may add to a step while others generate.
-PREFILL_CHUNK = 256
+__all__ = ["EXACT_ROWS", "PREFILL_CHUNK", "QueueFull", "SlotEngine"]
+
 #: Generating tokens per decode call for reproducible requests. llama.cpp's repacked CPU
 #: kernels compute rows in groups of four with another kernel than the rest, and the two
 #: differ in the last bits: a sequence decoded beside 3 or more others would not give the
@@ -50,22 +46,6 @@ PREFILL_CHUNK = 256
 #: own), every row takes the path it takes alone; it costs throughput (59 -> 36 tokens/s for 8
 #: sequences of the 270M on 2 cores), so only requests with a seed (or greedy) pay it.
 EXACT_ROWS = 3
-DEFAULT_MAX_QUEUE = 64
-
-
-class QueueFull(GemmaChatError):
-    """Every slot is busy and the queue in front of them is full."""
-
-
-@dataclass(eq=False)
-class _Request:
-    prompt: list[int]
-    sampling: SamplingParams
-    stops: set[int]
-    logit_bias: Mapping[int, float] | None
-    cancel: threading.Event
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    t_submit: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(eq=False)
@@ -73,37 +53,25 @@ class _Slot:
     seq: int
     cells: list[int] = field(default_factory=list)  # the tokens whose K/V the cache holds
     todo: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
-    request: _Request | None = None
+    run: Run | None = None
     chain: object = None  # llama.cpp sampler chain, or None for plain greedy
     next_token: int = -1  # sampled, not yet evaluated
-    generated: list[int] = field(default_factory=list)
-    stats: Stats | None = None
-    detok: object = None
-    t_first: float | None = None
     last_used: float = 0.0
 
     @property
-    def busy(self) -> bool:
-        return self.request is not None
+    def request(self) -> Request | None:
+        return self.run.request if self.run is not None else None
 
 
-class SlotEngine:
+class SlotEngine(BatchingEngine):
     """``n_slots`` sequences of a llama.cpp model in one context; see the module docstring."""
 
     def __init__(self, backend, n_slots: int, *, n_ctx: int | None = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, n_batch: int = 512):
         if llama_cpp is None:
             raise BackendError("parallel slots need llama-cpp-python")
-        if n_slots < 1:
-            raise GemmaChatError(f"--parallel must be at least 1, not {n_slots}")
-        self.backend = backend
-        self.n_slots = n_slots
-        self.max_queue = max_queue
+        super().__init__(backend, n_slots, n_ctx=n_ctx, max_queue=max_queue)
         info = backend.info
-        total = n_ctx or info.n_ctx
-        #: What one request may hold: an even share of the pool, so that the slots together
-        #: never need more cells than the pool has.
-        self.n_ctx = max(256, total // n_slots)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx * n_slots
         params.n_batch = params.n_ubatch = n_batch
@@ -123,117 +91,42 @@ class SlotEngine:
         self._n_vocab = info.n_vocab
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._slots = [_Slot(seq=i) for i in range(n_slots)]
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._lock = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="gemma-slots", daemon=True)
         self._thread.start()
 
-    # -- the public side ------------------------------------------------------------------------
+    def _running(self):
+        return (s.request for s in self._slots if s.run is not None)
 
-    def stream(self, prompt: Prompt, sampling: SamplingParams, *, ignore_eos: bool = False,
-               logit_bias: Mapping[int, float] | None = None,
-               stop_ids: Sequence[int] | None = None,
-               cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Queue a generation (:class:`QueueFull` when the queue is full) and yield its chunks
-        as the engine produces them: the same chunks, stats last, as a backend's ``stream``."""
-        ids = base.checked_prompt(self.backend, prompt)
-        if len(ids) >= self.n_ctx:
-            raise GemmaChatError(f"the prompt is {len(ids)} tokens and a slot holds "
-                                 f"{self.n_ctx}")
-        request = _Request(ids, sampling, base.stop_set(self.backend.end_of_generation,
-                                                        stop_ids, ignore_eos),
-                           logit_bias, cancel or threading.Event())
-        with self._lock:
-            if self._closed:
-                raise GemmaChatError("the engine is closed")
-            free = sum(not s.busy for s in self._slots)
-            if len(self._waiting) >= self.max_queue + free:
-                raise QueueFull(f"all {self.n_slots} slots are busy and {self.max_queue} "
-                                "requests are waiting")
-            self._waiting.append(request)
-            self._lock.notify()
-        return self._read(request)
-
-    @staticmethod
-    def _read(request: _Request) -> Iterator[Chunk]:
-        while True:
-            item = request.out.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.stats is not None:
-                return
-
-    def status(self) -> dict[str, int]:
-        with self._lock:
-            return {"slots": self.n_slots, "busy": sum(s.busy for s in self._slots),
-                    "waiting": len(self._waiting), "max_queue": self.max_queue,
-                    "slot_context": self.n_ctx}
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for request in self._waiting:
-                request.cancel.set()
-            for slot in self._slots:
-                if slot.request is not None:
-                    slot.request.cancel.set()
-            self._lock.notify()
-        self._thread.join(30)
-        if self._thread.is_alive():  # a decode that does not end: leave the memory be
-            return
+    def _free(self) -> None:
         llama_cpp.llama_batch_free(self._batch)
         for slot in self._slots:
             self._free_chain(slot)
         llama_cpp.llama_free(self._ctx)
         self._ctx = None
 
+    def _fail(self, exc: BaseException) -> None:
+        for slot in self._slots:
+            if slot.run is not None:
+                slot.request.out.put(exc)
+                self._release(slot)
+
     # -- the engine thread ----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._closed and not self._waiting and \
-                        not any(s.busy for s in self._slots):
-                    self._lock.wait()
-                if self._closed and not any(s.busy for s in self._slots):
-                    for request in self._waiting:
-                        self._refuse(request)
-                    self._waiting.clear()
-                    return
-                while self._waiting:
-                    request = self._waiting[0]
-                    if request.cancel.is_set():
-                        self._waiting.popleft()
-                        self._refuse(request)
-                        continue
-                    slot = self._pick(request.prompt)
-                    if slot is None:
-                        break
-                    self._waiting.popleft()
-                    self._assign(slot, request)
-            try:
-                self._step()
-            except BaseException as exc:  # a llama.cpp failure: every request hears of it
-                for slot in self._slots:
-                    if slot.request is not None:
-                        slot.request.out.put(exc)
-                        self._release(slot)
-
-    def _refuse(self, request: _Request) -> None:
-        stats = Stats(prompt_tokens=len(request.prompt), stop_reason="cancelled")
-        request.out.put(Chunk("", (), stats))
+    def _admit(self, request: Request) -> bool:
+        slot = self._pick(request.prompt)
+        if slot is None:
+            return False
+        self._assign(slot, request)
+        return True
 
     def _pick(self, prompt: list[int]) -> _Slot | None:
         """The free slot sharing the longest prefix with ``prompt``, else the least recently
         used free one."""
-        free = [s for s in self._slots if not s.busy]
+        free = [s for s in self._slots if s.run is None]
         if not free:
             return None
         return max(free, key=lambda s: (base.common_prefix(s.cells, prompt), -s.last_used))
 
-    def _assign(self, slot: _Slot, request: _Request) -> None:
+    def _assign(self, slot: _Slot, request: Request) -> None:
         ids = request.prompt
         keep = min(base.common_prefix(slot.cells, ids), len(ids) - 1)  # >= 1 token evaluated
         note = ""
@@ -249,12 +142,8 @@ class SlotEngine:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
             keep = 0
         slot.cells, slot.todo = ids[:keep], ids[keep:]
-        slot.request, slot.generated, slot.t_first = request, [], None
-        slot.stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - keep,
-                           cache_note=note,
-                           sampler=base.describe_sampler(request.sampling, request.logit_bias))
+        slot.run = Run(request, self.new_stats(request, keep, note), self.backend.detokenizer())
         slot.chain = self.backend.sampler_chain(request.sampling, request.logit_bias, ids)
-        slot.detok = self.backend.detokenizer()
 
     @staticmethod
     def _exact(slot: _Slot) -> bool:
@@ -326,55 +215,34 @@ class SlotEngine:
             self._sample(slot, i)
 
     def _sample(self, slot: _Slot, i: int) -> None:
-        request, stats = slot.request, slot.stats
         if slot.chain is not None:
             token = llama_cpp.llama_sampler_sample(slot.chain.sampler, self._ctx, i)
         else:
             logits = llama_cpp.llama_get_logits_ith(self._ctx, i)
             token = int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
-        now = time.perf_counter()
-        if slot.t_first is None:
-            slot.t_first = now
-            stats.ttft_s = now - request.t_submit
-            stats.prefill_s = stats.ttft_s
-        if token in request.stops:
-            stats.stop_token = token
-            self._finish(slot, "stop")
-            return
-        slot.generated.append(token)
-        request.out.put(Chunk(slot.detok.push(token), (token,)))
-        limit = request.sampling.max_tokens
-        if limit is not None and len(slot.generated) >= limit:
-            self._finish(slot, "length")
-        elif len(slot.cells) + 1 >= self.n_ctx:
-            self._finish(slot, "context")
+        reason = slot.run.take(token)
+        if reason is None and len(slot.cells) + 1 >= self.n_ctx:
+            reason = "context"
+        if reason is not None:
+            self._finish(slot, reason)
         else:
             slot.next_token = token
 
     def _finish(self, slot: _Slot, reason: str) -> None:
-        stats = slot.stats
-        stats.stop_reason = reason
-        stats.token_ids = list(slot.generated)
-        stats.generated_tokens = len(slot.generated)
-        if slot.t_first is not None:
-            stats.decode_s = time.perf_counter() - slot.t_first
-        request = slot.request
-        text = slot.detok.flush()
+        run = slot.run
         self._release(slot)
-        request.out.put(Chunk(text, (), stats))
+        run.finish(reason)
 
     def _release(self, slot: _Slot) -> None:
         """Free the slot; its cells stay for the next request that shares their prefix."""
         if slot.todo:  # cancelled mid-prompt: the cache holds only what was evaluated
             slot.todo = []
         self._free_chain(slot)
-        slot.request, slot.last_used = None, time.perf_counter()
-        with self._lock:
-            self._lock.notify()
+        slot.run, slot.last_used = None, time.perf_counter()
+        self._released()
 
     @staticmethod
     def _free_chain(slot: _Slot) -> None:
         if slot.chain is not None:
             slot.chain.close()
             slot.chain = None
-

@@ -26,7 +26,7 @@ def serve(
     threads: ThreadsOpt = None,
     parallel: Annotated[int | None, typer.Option(
         "--parallel", "-np", min=1, max=64,
-        help="Requests generated at once, in one batch (llama.cpp; they share the context). "
+        help="Requests generated at once, in one batch (they share the context). "
              "Default: from the context, up to 4.")] = None,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", min=0, help="Requests that may wait for a slot before a 503.")] = 64,
@@ -43,18 +43,11 @@ def serve(
             names += [spec.name, *spec.aliases]
         names.append(model)
         slots = parallel if parallel is not None else default_parallel(info)
-        engine = None
-        if slots > 1 and info.backend == "llama.cpp":
-            from ..backends.slots import SlotEngine
-
-            opened.backend.release_context()  # the slots' context takes its memory
-            engine = SlotEngine(opened.backend, slots, max_queue=max_queue)
+        engine = parallel_engine(opened.backend, slots, max_queue) if slots > 1 else None
+        if engine is not None:
             how = (f"{slots} requests at once, in parallel slots of {engine.n_ctx:,} tokens "
                    f"each{'' if parallel else ' (--parallel sets another number)'}")
         else:
-            if slots > 1:
-                stderr().print(f"[yellow]--parallel {slots}: the {info.backend} backend serves "
-                               "one request at a time[/yellow]")
             how = f"requests one at a time, context {info.n_ctx:,} tokens"
         try:
             app_ = create_app(opened.backend, names, api_key=api_key, cors=cors or (),
@@ -69,11 +62,28 @@ def serve(
 
 
 def default_parallel(info) -> int:
-    """Parallel slots when none are asked for: on llama.cpp, one per 8,192 tokens of the
-    context (chosen from this machine's memory), up to 4; one elsewhere."""
-    if info.backend != "llama.cpp":
-        return 1
+    """Parallel slots when none are asked for: one per 8,192 tokens of the context (chosen
+    from this machine's memory), up to 4."""
     return max(1, min(4, info.n_ctx // 8192))
+
+
+def parallel_engine(backend, slots: int, max_queue: int):
+    """The backend's parallel slots, or None (with a warning) where the model cannot batch."""
+    from ..errors import BackendError
+
+    if backend.info.backend == "llama.cpp":
+        from ..backends.slots import SlotEngine
+
+        backend.release_context()  # the slots' context takes its memory
+        return SlotEngine(backend, slots, max_queue=max_queue)
+    from ..backends.mlx_slots import MlxSlotEngine
+
+    try:
+        return MlxSlotEngine(backend, slots, max_queue=max_queue)
+    except BackendError as exc:
+        stderr().print(f"[yellow]--parallel {slots}: {exc}; serving one request at a "
+                       "time[/yellow]")
+        return None
 
 
 def run_until_signalled(app_, host: str, port: int) -> None:

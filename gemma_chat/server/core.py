@@ -322,7 +322,7 @@ class Server:
         """Take ``job`` into the queue, or refuse it with a 503 when the queue is full: called
         before a response starts, so that a streamed request is refused with a status too."""
         if self.engine is not None:
-            from ..backends.slots import QueueFull
+            from ..backends.batching import QueueFull
 
             try:  # queued in the engine at once
                 job.source = self.engine.stream(job.prompt, job.sampling, cancel=job.cancel)
