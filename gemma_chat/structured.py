@@ -15,8 +15,11 @@ serve one backend. The constraint compiles the schema once and makes a fresh mat
 generation (:meth:`JsonConstraint.matcher`).
 
 The JSON is compact (``", "`` and ``": "``, no other whitespace): a free choice of whitespace
-lets a small model indent forever. A schema llguidance cannot compile is refused with a
-one-line error naming what it does not support.
+lets a small model indent forever. An object schema that lists its ``properties`` and says
+nothing of ``additionalProperties`` gets no others (as in llama.cpp's schema converter and
+OpenAI's strict mode): JSON Schema's default, any other key, lets a model invent keys until it
+runs out of tokens. A schema llguidance cannot compile is refused with a one-line error naming
+what it does not support.
 """
 
 from __future__ import annotations
@@ -114,14 +117,31 @@ def json_constraint(backend, schema: Mapping | None = None) -> JsonConstraint:
     llguidance = _llguidance()
     schema = dict(schema) if schema is not None else ANY_OBJECT
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_OPTIONS)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema),
+                                                                overrides=_OPTIONS)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise InvalidArgument(f"unsupported JSON schema: {_first_line(exc)}") from None
+    if not hasattr(backend, "grammar_tokenizer"):
+        raise InvalidArgument(f"the {backend.info.backend} backend has no structured output")
     tokenizer = backend.grammar_tokenizer()
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
     if is_error:
         raise InvalidArgument(f"unsupported JSON schema: {_first_line(messages[0])}")
     return JsonConstraint(tokenizer, grammar, backend.info.n_vocab, schema)
+
+
+def closed_objects(schema):
+    """``schema`` with ``additionalProperties: false`` wherever an object lists its properties
+    and says nothing of others (see the module docstring)."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: (value if key in ("enum", "const", "default", "examples")
+                    else closed_objects(value)) for key, value in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _first_line(error: object) -> str:

@@ -162,7 +162,7 @@ def test_models_table_and_json():
     names = {e["name"] for e in entries}
     assert {"gemma-2-2b-it", "gemma-3-270m", "gemma-1.1-7b-it", "gemma-3-1b-it"} <= names
     demo = next(e for e in entries if e["name"] == "gemma-3-270m")
-    assert demo["on_disk"] == ["gguf"]
+    assert "gguf" in demo["on_disk"]  # (and "mlx" once a test has imported it)
     table = run_gemma("models", env={"COLUMNS": "200"})
     assert table.returncode == 0
     assert "gemma-2-2b-it" in table.stdout and "2b-it" in table.stdout

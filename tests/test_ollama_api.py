@@ -127,8 +127,10 @@ def test_errors_are_ollamas(client):
     msgs = [{"role": "user", "content": "Hi"}]
     assert "does not support thinking" in error(
         "/api/chat", {"model": "scripted", "messages": msgs, "think": True}, 400)
-    assert "format" in error("/api/chat", {"model": "scripted", "messages": msgs,
-                                           "format": "json"}, 400)
+    assert "invalid format" in error("/api/chat", {"model": "scripted", "messages": msgs,
+                                                   "format": "yaml"}, 400)
+    assert "no structured output" in error("/api/chat", {"model": "scripted",
+                                                         "messages": msgs, "format": "json"}, 400)
     assert "raw mode" in error("/api/generate", {"model": "scripted", "prompt": "x",
                                                  "raw": True, "system": "s"}, 400)
 

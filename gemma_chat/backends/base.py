@@ -225,13 +225,16 @@ class Backend(Protocol):
         logit_bias: Mapping[int, float] | None = None,
         stop_ids: Sequence[int] | None = None,
         cancel: threading.Event | None = None,
+        constraint=None,
     ) -> Iterator[Chunk]:
         """Generate from ``prompt`` (text is tokenized with special tokens; ids are used as is).
 
         Re-uses the KV cache for the longest common prefix with the previous call's tokens.
         Stops at ``<end_of_turn>`` or EOS (neither is yielded as text) unless ``ignore_eos``;
         ``stop_ids`` adds more. Setting ``cancel`` (from any thread) stops this generation, and
-        only this one, after the current token. The final chunk carries :class:`Stats`.
+        only this one, after the current token. ``constraint`` (a
+        :class:`~gemma_chat.structured.JsonConstraint`) allows only text that stays valid JSON
+        for its schema. The final chunk carries :class:`Stats`.
         """
 
     @property

@@ -39,6 +39,7 @@ class Request:
     stops: set[int]
     logit_bias: Mapping[int, float] | None
     cancel: threading.Event
+    constraint: object = None  # structured output (gemma_chat.structured.JsonConstraint)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     t_submit: float = field(default_factory=time.perf_counter)
 
@@ -52,6 +53,7 @@ class Run:
     detok: object  # push(token) -> str, flush() -> str
     generated: list[int] = field(default_factory=list)
     t_first: float | None = None
+    matcher: object = None  # where structured output stands, when the engine checks it here
 
     def take(self, token: int) -> str | None:
         """Record a sampled token (streamed unless it ends the generation); returns why the
@@ -64,6 +66,8 @@ class Run:
             stats.stop_token = token
             return "stop"
         self.generated.append(token)
+        if self.matcher is not None:
+            self.matcher.accept(token)
         request.out.put(Chunk(self.detok.push(token), (token,)))
         limit = request.sampling.max_tokens
         if limit is not None and len(self.generated) >= limit:
@@ -130,7 +134,7 @@ class BatchingEngine:
     def stream(self, prompt: Prompt, sampling: SamplingParams, *, ignore_eos: bool = False,
                logit_bias: Mapping[int, float] | None = None,
                stop_ids: Sequence[int] | None = None,
-               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+               cancel: threading.Event | None = None, constraint=None) -> Iterator[Chunk]:
         """Queue a generation (:class:`QueueFull` when the queue is full) and yield its chunks
         as the engine produces them: the same chunks, stats last, as a backend's ``stream``."""
         ids = base.checked_prompt(self.backend, prompt)
@@ -139,7 +143,7 @@ class BatchingEngine:
                                  f"{self.n_ctx}")
         request = Request(ids, sampling, base.stop_set(self.backend.end_of_generation,
                                                        stop_ids, ignore_eos),
-                          logit_bias, cancel or threading.Event())
+                          logit_bias, cancel or threading.Event(), constraint)
         with self._lock:
             if self._closed:
                 raise GemmaChatError("the engine is closed")

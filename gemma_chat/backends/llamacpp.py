@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -157,6 +158,7 @@ class LlamaCppBackend(BackendBase):
         self._eot = eot[0] if len(eot) == 1 else None
         self._eos = model.token_eos()
         self._eog = self._end_of_generation(gguf)
+        self._grammar_tokenizer = None
         if offload and gpu_layers != 0:
             device = "metal" if sys.platform == "darwin" else "gpu"
         else:
@@ -300,6 +302,18 @@ class LlamaCppBackend(BackendBase):
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.piece)
 
+    def grammar_tokenizer(self):
+        """This vocabulary for llguidance (structured output), made once (about a second)."""
+        if self._grammar_tokenizer is None:
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            vocab = llama_cpp.llama_model_get_vocab(self.model_pointer)
+            with warnings.catch_warnings():  # it reads each token's attributes by an old name
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._grammar_tokenizer = lltokenizer_from_vocab(vocab,
+                                                                 eos_token=sorted(self._eog))
+        return self._grammar_tokenizer
+
     def release_context(self) -> None:
         """Free this backend's own context (its KV cache) when parallel slots take over the
         model: tokenizing still works, generating here does not."""
@@ -358,14 +372,17 @@ class LlamaCppBackend(BackendBase):
         logit_bias: Mapping[int, float] | None = None,
         stop_ids: Sequence[int] | None = None,
         cancel: threading.Event | None = None,
+        constraint=None,
     ) -> Iterator[Chunk]:
         if getattr(self, "_released", False):
             raise BackendError("this model's context went to parallel slots")
         ids = base.checked_prompt(self, prompt)
         stops = base.stop_set(self._eog, stop_ids, ignore_eos)
-        return self._generate(ids, sampling, stops, logit_bias, cancel or threading.Event())
+        matcher = constraint.matcher() if constraint is not None else None
+        return self._generate(ids, sampling, stops, logit_bias, cancel or threading.Event(),
+                              matcher)
 
-    def _generate(self, ids, sp, stops, logit_bias, cancel) -> Iterator[Chunk]:
+    def _generate(self, ids, sp, stops, logit_bias, cancel, matcher) -> Iterator[Chunk]:
         llm = self._llm
         t_start = time.perf_counter()
 
@@ -413,6 +430,8 @@ class LlamaCppBackend(BackendBase):
                 if llm.n_tokens >= n_ctx:  # prompt + reply always fit in the context
                     stats.stop_reason = "context"
                     break
+                if matcher is not None:  # structured output: only what keeps it valid
+                    matcher.mask(self._logits_view())
                 token = sample(self._ctx, -1)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -421,6 +440,8 @@ class LlamaCppBackend(BackendBase):
                     stats.stop_reason, stats.stop_token = "stop", token
                     break
                 generated.append(token)
+                if matcher is not None:
+                    matcher.accept(token)
                 yield Chunk(push(token), (token,))
                 if limit is not None and len(generated) >= limit:
                     stats.stop_reason = "length"

@@ -204,6 +204,7 @@ class MLXBackend(BackendBase):
         self._n_ctx = n_ctx
         self._cache = make_prompt_cache(self._model)
         self._cached: list[int] = []
+        self._grammar_tokenizer = None
         tok = self._tok
         self._vocab_size = int(text.get("vocab_size") or len(tok.get_vocab()))
         eot = tok.convert_tokens_to_ids(GEMMA[arch].end_of_turn)
@@ -284,12 +285,13 @@ class MLXBackend(BackendBase):
     def stream(self, prompt: Prompt, sampling: SamplingParams, *, ignore_eos: bool = False,
                logit_bias: Mapping[int, float] | None = None,
                stop_ids: Sequence[int] | None = None,
-               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+               cancel: threading.Event | None = None, constraint=None) -> Iterator[Chunk]:
         ids = base.checked_prompt(self, prompt)
         stops = base.stop_set((*self._eos, self._eot), stop_ids, ignore_eos)
-        return self._generate(ids, sampling, stops, logit_bias, cancel or threading.Event())
+        return self._generate(ids, sampling, stops, logit_bias, cancel or threading.Event(),
+                              constraint)
 
-    def _generate(self, ids, sp, stops, logit_bias, cancel) -> Iterator[Chunk]:
+    def _generate(self, ids, sp, stops, logit_bias, cancel, constraint) -> Iterator[Chunk]:
         t_start = time.perf_counter()
         lcp = base.common_prefix(self._cached, ids)
         lcp = min(lcp, len(ids) - 1)  # at least one token to evaluate, for fresh logits
@@ -297,7 +299,7 @@ class MLXBackend(BackendBase):
         reused = len(self._cached)
         stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
                       cache_note=note)
-        sampler, processors = sampling_functions(sp, logit_bias)
+        sampler, processors = sampling_functions(sp, logit_bias, constraint)
         stats.sampler = base.describe_sampler(sp, logit_bias)
         room = self._n_ctx - len(ids)
         limit = min(sp.max_tokens or room, room)
@@ -354,6 +356,16 @@ class MLXBackend(BackendBase):
     def end_of_generation(self) -> set[int]:
         return {*self._eos, *([self._eot] if self._eot is not None else [])}
 
+    def grammar_tokenizer(self):
+        """This tokenizer for llguidance (structured output), made once."""
+        if self._grammar_tokenizer is None:
+            from llguidance.hf import from_tokenizer
+
+            self._grammar_tokenizer = from_tokenizer(
+                self._tok._tokenizer, n_vocab=self._vocab_size,
+                eos_token=sorted(self.end_of_generation))
+        return self._grammar_tokenizer
+
     def detokenizer(self) -> StreamingText:
         return StreamingText(self._tok.detokenizer)
 
@@ -373,8 +385,10 @@ class StreamingText:
         return self._detok.last_segment
 
 
-def sampling_functions(sp: SamplingParams, logit_bias: Mapping[int, float] | None = None):
-    """The sampler and mlx-lm logits processors for ``sp``.
+def sampling_functions(sp: SamplingParams, logit_bias: Mapping[int, float] | None = None,
+                       constraint=None):
+    """The sampler and mlx-lm logits processors for ``sp`` (and structured output's
+    ``constraint``, a :class:`~gemma_chat.structured.JsonConstraint`).
 
     The sampler draws from a random key of its own (``sp.seed``, else a fresh one), never from
     MLX's global random state: requests decoded together each keep their own sequence of
@@ -387,6 +401,8 @@ def sampling_functions(sp: SamplingParams, logit_bias: Mapping[int, float] | Non
         logit_bias=dict(logit_bias) if logit_bias else None,
         repetition_penalty=sp.repeat_penalty if sp.repeat_penalty != 1.0 else None,
         repetition_context_size=sp.repeat_last_n)
+    if constraint is not None:
+        processors.append(grammar_processor(constraint.matcher()))
     if sp.greedy:
         return (lambda logprobs: mx.argmax(logprobs, axis=-1)), processors
     filters = []
@@ -406,6 +422,23 @@ def sampling_functions(sp: SamplingParams, logit_bias: Mapping[int, float] | Non
         return mx.random.categorical(logprobs * (1.0 / sp.temperature), key=draw)
 
     return sampler, processors
+
+
+def grammar_processor(matcher):
+    """A logits processor that allows only the tokens ``matcher`` allows next. mlx-lm calls a
+    processor with every token so far: from the second call on, the last one is the token
+    just sampled, which the matcher takes first."""
+    started = False
+
+    def processor(tokens, logits):
+        nonlocal started
+        if started:
+            matcher.accept(int(tokens[-1]))
+        started = True
+        allowed = mx.array(matcher.allowed()[:logits.shape[-1]])
+        return mx.where(allowed, logits, -mx.inf)
+
+    return processor
 
 
 def _top_k(logprobs, k: int):

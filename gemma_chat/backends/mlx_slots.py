@@ -108,7 +108,7 @@ class MlxSlotEngine(BatchingEngine):
             self._parked.remove(min(self._parked, key=lambda p: p.last_used))
         sp = request.sampling
         own = sp.seed is not None
-        sampler, processors = sampling_functions(sp, request.logit_bias)
+        sampler, processors = sampling_functions(sp, request.logit_bias, request.constraint)
         room = self.n_ctx - len(ids)
         lane = self._lane() if own else self._shared
         (uid,) = lane.insert(

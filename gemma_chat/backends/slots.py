@@ -143,6 +143,8 @@ class SlotEngine(BatchingEngine):
             keep = 0
         slot.cells, slot.todo = ids[:keep], ids[keep:]
         slot.run = Run(request, self.new_stats(request, keep, note), self.backend.detokenizer())
+        if request.constraint is not None:
+            slot.run.matcher = request.constraint.matcher()
         slot.chain = self.backend.sampler_chain(request.sampling, request.logit_bias, ids)
 
     @staticmethod
@@ -215,6 +217,9 @@ class SlotEngine(BatchingEngine):
             self._sample(slot, i)
 
     def _sample(self, slot: _Slot, i: int) -> None:
+        if slot.run.matcher is not None:  # structured output: only what keeps it valid
+            logits = llama_cpp.llama_get_logits_ith(self._ctx, i)
+            slot.run.matcher.mask(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)))
         if slot.chain is not None:
             token = llama_cpp.llama_sampler_sample(slot.chain.sampler, self._ctx, i)
         else:

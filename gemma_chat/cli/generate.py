@@ -61,6 +61,12 @@ def run(
     threads: ThreadsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text "
                                           "and the stats.")] = False,
+    format_: Annotated[str | None, typer.Option(
+        "--format", help='Constrain the reply to JSON: "json" (any JSON object), or a JSON '
+                         "schema (its text or a file).")] = None,
+    json_schema: Annotated[str | None, typer.Option(
+        "--json-schema", help="Constrain the reply to this JSON schema (its text or a "
+                              "file).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
                                           "to stderr.")] = False,
     yes: YesOpt = False,
@@ -73,6 +79,7 @@ def run(
     stdin_text = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     text = gen.compose(prompt, stdin_text)
     overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
+    schema = wanted_schema(format_, json_schema)
     with load(model, backend, ctx, threads, spinner=False, yes=yes) as opened:
         use_chat = chat or (opened.resolved.instruction_tuned and not raw)
         prompts = gen.PromptBuilder(opened.backend)
@@ -85,8 +92,16 @@ def run(
             print_info(opened.backend.info, use_chat, sampling)
         write = (lambda s: None) if as_json else stdout_writer()
         thoughts = ThoughtsToStderr(show=not (hide_thinking or as_json))
+        options = {}
+        if schema is not None:
+            from ..structured import json_constraint
+
+            options["constraint"] = json_constraint(opened.backend, schema)
         out, stats = gen.generate(opened.backend, ids, sampling, write,
-                                  thought_ids=prompts.thought_ids, thoughts=thoughts)
+                                  thought_ids=prompts.thought_ids, thoughts=thoughts, **options)
+        if schema is not None and stats.stop_reason != "stop":
+            stderr().print(f"[yellow]the reply ended early ({stats.stop_reason}), so its JSON "
+                           "is incomplete: raise --max-tokens[/yellow]")
         thoughts.done()
         if as_json:
             record = {
@@ -103,6 +118,18 @@ def run(
         sys.stdout.flush()
         if verbose:
             print_stats(stats)
+
+
+def wanted_schema(format_: str | None, json_schema: str | None) -> dict | None:
+    """The schema ``--format``/``--json-schema`` ask for, read before a model is loaded."""
+    from ..structured import ANY_OBJECT, parse_schema
+
+    if format_ is not None and json_schema is not None:
+        raise click.UsageError("--format and --json-schema exclude each other")
+    if format_ == "json":
+        return dict(ANY_OBJECT)
+    text = json_schema if json_schema is not None else format_
+    return parse_schema(text) if text is not None else None
 
 
 @app.command()

@@ -26,6 +26,7 @@ from ..errors import GemmaChatError, InvalidMessages
 from ..generate import default_sampling
 from ..prompt import PromptBuilder
 from ..thinking import split_thoughts
+from ..tools import gemma3_messages
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 #: Requests that may wait for a slot (or, without slots, for the model) before a 503.
@@ -96,6 +97,28 @@ class Job:
     thought_ids: tuple[int, int] | None = None  # a thinking model's channel markers
     source: object = None  # its chunks, once admitted to the slots
     admitted: bool = False
+    constraint: object = None  # structured output (a compiled JSON schema), or None
+
+
+def call_records(calls: object, i: int) -> list[dict]:
+    """An assistant message's ``tool_calls``, with JSON-string arguments read as objects."""
+    if not isinstance(calls, list):
+        raise InvalidMessages(f"message {i}: tool_calls must be a list")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidMessages(f"message {i}: a tool call needs a function with a name")
+        args = function.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise InvalidMessages(f"message {i}: the arguments of {function['name']} are "
+                                      "not JSON") from None
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": args or {}}})
+    return out
 
 
 @dataclass
@@ -124,6 +147,7 @@ class Server:
         self.prompts = PromptBuilder(backend)
         self.jobs: set[Job] = set()  # waiting or generating
         self.closing = False
+        self._constraints: dict[str, object] = {}  # compiled schemas, by their JSON text
 
     @property
     def n_ctx(self) -> int:
@@ -263,6 +287,23 @@ class Server:
                                 "strings", param="stop")
         return stops
 
+    def constraint(self, schema: dict, param: str):
+        """``schema`` compiled for this model (kept for the next request with the same one);
+        a schema that cannot be compiled is a 400 naming what is unsupported."""
+        from ..errors import GemmaChatError
+        from ..structured import json_constraint
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._constraints:
+            try:
+                compiled = json_constraint(self.backend, schema)
+            except GemmaChatError as exc:
+                raise APIError(400, str(exc), param=param) from None
+            while len(self._constraints) >= 16:
+                del self._constraints[next(iter(self._constraints))]
+            self._constraints[key] = compiled
+        return self._constraints[key]
+
     def thinking(self, data: dict) -> bool:
         """Thinking for this request: ``chat_template_kwargs.enable_thinking`` (vLLM's and
         llama-server's switch) or ``reasoning_effort`` (any effort but "none" thinks); off by
@@ -285,9 +326,10 @@ class Server:
             return enable
         return effort is not None and effort != "none"
 
-    def chat_prompt(self, data: dict) -> list[int]:
-        """Token ids of the model's chat format over ``messages``. Leading system (or
-        developer) messages are joined into one."""
+    def chat_prompt(self, data: dict, tools: list | None = None) -> list[int]:
+        """Token ids of the model's chat format over ``messages`` (with ``tools`` declared
+        in the model's own way). Leading system (or developer) messages are joined into one;
+        assistant tool calls and tool results are kept."""
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
@@ -298,13 +340,26 @@ class Server:
                     raise InvalidMessages(f"message {i} must be an object")
                 role = message.get("role")
                 role = "system" if role == "developer" else role  # newer clients say developer
-                content = template.content_text(message, i)
+                content = template.content_text(message, i) \
+                    if message.get("content") is not None or role != "assistant" else ""
                 if role == "system" and normalized and normalized[-1]["role"] == "system" \
                         and len(normalized) == 1:
                     normalized[0]["content"] += "\n\n" + content
                     continue
-                normalized.append({"role": role, "content": content})
-            return self.prompts.chat(normalized, thinking=self.thinking(data))
+                item: dict[str, object] = {"role": role, "content": content}
+                if role == "assistant" and message.get("tool_calls"):
+                    item["tool_calls"] = call_records(message["tool_calls"], i)
+                if role == "tool":
+                    item.update({k: message[k] for k in ("tool_call_id", "name")
+                                 if isinstance(message.get(k), str)})
+                normalized.append(item)
+            thinking = self.thinking(data)
+            if self.prompts.format.name == "gemma4":
+                return self.prompts.chat(normalized, thinking=thinking,
+                                         **({"tools": tools} if tools else {}))
+            if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in normalized):
+                normalized = gemma3_messages(normalized, tools or [])
+            return self.prompts.chat(normalized, thinking=thinking)
         except InvalidMessages as exc:
             raise APIError(400, f"invalid messages: {exc}", param="messages") from None
 
@@ -325,7 +380,8 @@ class Server:
             from ..backends.batching import QueueFull
 
             try:  # queued in the engine at once
-                job.source = self.engine.stream(job.prompt, job.sampling, cancel=job.cancel)
+                job.source = self.engine.stream(job.prompt, job.sampling, cancel=job.cancel,
+                                                constraint=job.constraint)
             except QueueFull as exc:
                 raise APIError(503, f"server busy: {exc}", "server_error",
                                code="queue_full") from None
@@ -360,7 +416,8 @@ class Server:
         def worker() -> None:
             try:
                 chunks = source if source is not None else \
-                    backend.stream(job.prompt, job.sampling, cancel=job.cancel)
+                    backend.stream(job.prompt, job.sampling, cancel=job.cancel,
+                                   **({"constraint": job.constraint} if job.constraint else {}))
                 for chunk in split_thoughts(chunks, job.thought_ids):
                     hand(chunk)
             except BaseException as exc:  # handed to the event loop, raised there

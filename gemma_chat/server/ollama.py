@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..backends.base import Stats
+from ..structured import ANY_OBJECT
 from .core import APIError, Job, Server
 
 #: The Ollama API version whose behaviour this mirrors (clients compare it).
@@ -105,10 +106,22 @@ def think(value: object, can_think: bool, model: str) -> bool:
     return value
 
 
+def format_schema(data: Mapping) -> dict | None:
+    """The JSON schema Ollama's ``format`` asks for: ``"json"`` is any JSON object, an object
+    is the schema itself; None for free text."""
+    value = data.get("format")
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return dict(ANY_OBJECT)
+    if isinstance(value, dict):
+        return dict(value)
+    raise APIError(400, f'invalid format: {json.dumps(value)} (must be "json" or a JSON '
+                        "schema object)")
+
+
 def unsupported(data: Mapping) -> None:
     """What gemma serve does not do yet, refused in Ollama's words rather than ignored."""
-    if data.get("format") not in (None, ""):
-        raise APIError(400, "format (structured output) is not supported by gemma serve yet")
     if data.get("tools"):
         raise APIError(400, f'"{data.get("model")}" does not support tools in gemma serve '
                                "yet")
@@ -322,6 +335,9 @@ def routes(server: Server, guarded) -> list[Route]:
             ids = await asyncio.to_thread(server.chat_prompt, request_data)
         job = Job(ids, server.sampling(fields, len(ids)), stops,
                   thought_ids=server.prompts.thought_ids)
+        schema = format_schema(data)
+        if schema is not None:
+            job.constraint = await asyncio.to_thread(server.constraint, schema, "format")
         server.admit(job)
         piece = chat_chunk if chat else generate_chunk
 

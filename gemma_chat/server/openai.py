@@ -8,13 +8,16 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..backends.base import Stats
-from .core import Job, Server
+from ..structured import ANY_OBJECT
+from ..tools import ToolCallSyntaxError, gemma3_call_schema, parse_gemma3_call, parse_gemma4_calls
+from .core import APIError, Job, Server
 
 SHUTTING_DOWN = {"message": "the server is shutting down", "type": "server_error", "param": None,
                  "code": "shutting_down"}
@@ -26,6 +29,108 @@ def usage(prompt_len: int, stats: Stats | None) -> dict[str, object]:
     return {"prompt_tokens": prompt_len, "completion_tokens": completion,
             "total_tokens": prompt_len + completion,
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens if stats else 0}}
+
+
+def response_format(data: dict) -> dict | None:
+    """The JSON schema ``response_format`` asks for (None: free text): ``json_object`` is any
+    JSON object, ``json_schema`` its ``json_schema.schema``."""
+    spec = data.get("response_format")
+    if spec is None:
+        return None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return dict(ANY_OBJECT)
+    if kind == "json_schema":
+        inner = spec.get("json_schema")
+        schema = inner.get("schema", ANY_OBJECT) if isinstance(inner, dict) else None
+        if isinstance(schema, dict):
+            return schema
+        raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
+                       param="response_format")
+    raise APIError(400, "response_format.type must be text, json_object or json_schema",
+                   param="response_format")
+
+
+@dataclass
+class ToolRequest:
+    """What a request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` ask for."""
+
+    tools: list[dict]
+    choice: str  # "auto", "none" or "required"
+    name: str | None = None  # the one function a named tool_choice requires
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.choice != "none"
+
+
+def tool_request(data: dict) -> ToolRequest | None:
+    """The request's tools (None when it declares none)."""
+    tools, choice = data.get("tools"), data.get("tool_choice", "auto")
+    if not tools:
+        if choice not in ("auto", "none") and choice is not None:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise APIError(400, "tools must be a list", param="tools")
+    names = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(tool, dict) and tool.get("type", "function") == "function" and
+                isinstance(function, dict) and isinstance(function.get("name"), str) and
+                function["name"]):
+            raise APIError(400, 'each tool must be {"type": "function", "function": {"name": '
+                                "..., \"parameters\": {...}}}", param="tools")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise APIError(400, f"the parameters of {function['name']} must be a JSON schema "
+                                "object", param="tools")
+        names.append(function["name"])
+    name = None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") \
+            if isinstance(choice.get("function"), dict) else None
+        if name not in names:
+            raise APIError(400, f"tool_choice names a function that is not in tools: {name!r}",
+                           param="tool_choice")
+        choice = "required"
+    elif choice is None:
+        choice = "auto"
+    elif choice not in ("auto", "none", "required"):
+        raise APIError(400, "tool_choice must be auto, none, required or a named function",
+                       param="tool_choice")
+    parallel = data.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise APIError(400, "parallel_tool_calls must be true or false",
+                       param="parallel_tool_calls")
+    return ToolRequest(list(tools), choice, name, parallel)
+
+
+def read_calls(text: str, tools: ToolRequest, gemma4: bool) -> tuple[list[dict], str]:
+    """The calls of a reply as OpenAI ``tool_calls`` (each with a fresh id), and the rest of its
+    text. A call to a function not in ``tools``, or one that does not parse, stays text."""
+    from ..template4 import strip_thinking
+
+    if gemma4:
+        try:
+            calls, rest = parse_gemma4_calls(strip_thinking(text))
+        except ToolCallSyntaxError:
+            return [], text
+    else:
+        call = parse_gemma3_call(text, tools.tools)
+        calls, rest = ([call], "") if call is not None else ([], text)
+    known = {t["function"]["name"] for t in tools.tools}
+    if any(c["name"] not in known for c in calls):
+        return [], text
+    if not tools.parallel:
+        calls = calls[:1]
+    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+             "function": {"name": c["name"],
+                          "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls], rest
 
 
 def sse(data: object) -> str:
@@ -91,19 +196,92 @@ def routes(server: Server, guarded) -> list[Route]:
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
                              "choices": [choice], "usage": usage(len(job.prompt), stats)})
 
-    def completion_endpoint(chat: bool):
-        build_prompt = server.chat_prompt if chat else server.completion_prompt
+    async def respond_with_tools(request: Request, data: dict, job: Job, tools: ToolRequest,
+                                 forced: str) -> Response:
+        """A reply that may call tools: generated whole, then its calls read back (Gemma 4's
+        native syntax, Gemma 1-3's JSON) and sent as ``tool_calls``; streamed as the same
+        chunks OpenAI sends (the role, any text, each call's name and id, then its
+        arguments)."""
+        gemma4 = server.prompts.format.name == "gemma4"
+        answer, _, stats, reason = await server.collect(request, job)
+        if reason == "cancelled":
+            return JSONResponse({"error": SHUTTING_DOWN}, status_code=503)
+        text = answer
+        if gemma4 and stats is not None:  # the call markers are control tokens
+            text = forced + server.backend.detokenize(stats.token_ids, special=True)
+        calls, content = read_calls(text, tools, gemma4)
+        if calls:
+            reason = "tool_calls"
+        else:
+            content = answer
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": data.get("model") or server.names[0]}
+        if not data.get("stream"):
+            message = {"role": "assistant", "content": content or None}
+            if calls:
+                message["tool_calls"] = calls
+            return JSONResponse({**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": message, "finish_reason": reason}],
+                "usage": usage(len(job.prompt), stats)})
+        include_usage = bool(server.stream_options(data).get("include_usage"))
 
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return sse({**base, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            if content:
+                yield chunk({"content": content})
+            for i, call in enumerate(calls):
+                yield chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                             "function": {"name": call["function"]["name"],
+                                                          "arguments": ""}}]})
+                yield chunk({"tool_calls": [{"index": i, "function": {
+                    "arguments": call["function"]["arguments"]}}]})
+            yield chunk({}, reason)
+            if include_usage:
+                yield sse({**base, "object": "chat.completion.chunk", "choices": [],
+                           "usage": usage(len(job.prompt), stats)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def completion_endpoint(chat: bool):
         async def endpoint(request: Request) -> Response:
             server.check_open()
             data = await server.read_json(request)
             server.check_model(data)
             server.check_size(data)
+            tools = tool_request(data) if chat else None
+            declared = tools.tools if tools is not None and tools.active else None
             # Tokenizing a long prompt takes a while: off the event loop, which keeps serving.
-            prompt = await asyncio.to_thread(build_prompt, data)
+            if chat:
+                prompt = await asyncio.to_thread(server.chat_prompt, data, declared)
+            else:
+                prompt = await asyncio.to_thread(server.completion_prompt, data)
+            forced = ""
+            if declared and tools.choice == "required":
+                if server.prompts.format.name == "gemma4":
+                    # The reply starts as a call (of the named function): Gemma 4's own syntax.
+                    from ..template4 import TOOL_CALL
+
+                    forced = str(TOOL_CALL) + "call:" + (f"{tools.name}{{" if tools.name else "")
+                    prompt = prompt + server.prompts.tokens(
+                        [TOOL_CALL, forced[len(str(TOOL_CALL)):]])
             job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data),
                       thought_ids=server.prompts.thought_ids)
+            if declared and tools.choice == "required" and not forced:
+                # Gemma 1-3: the reply is one JSON call, constrained to the tools' schemas.
+                schema = gemma3_call_schema(tools.tools, tools.name)
+                job.constraint = await asyncio.to_thread(server.constraint, schema, "tools")
+            schema = response_format(data)
+            if schema is not None:  # compiling takes a moment: off the event loop too
+                job.constraint = await asyncio.to_thread(server.constraint, schema,
+                                                         "response_format")
             server.admit(job)  # a full queue answers 503 before any response starts
+            if declared:
+                return await respond_with_tools(request, data, job, tools, forced)
             return await respond(request, data, job, chat=chat)
 
         return endpoint

@@ -1,0 +1,252 @@
+"""Function calling for both Gemma prompt formats: declaring tools, and reading calls back.
+
+    calls, text = parse_gemma4_calls(reply)
+    # calls: [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]
+
+Gemma 1-3 have no tool tokens: they are prompted with Google's documented function-calling
+prompt (the JSON variant, :func:`gemma3_preamble`) and answer a call with one JSON object
+``{"name": ..., "parameters": {...}}``; a tool's result goes back in a user turn, wrapped in
+a ```` ```tool_output ```` block as Google's guides do. When a call is required, the reply is
+constrained to :func:`gemma3_call_schema`, so it always parses and validates.
+
+A Gemma 4 model calls a tool by writing ``<|tool_call>call:NAME{key:value,...}<tool_call|>``,
+the syntax its chat template uses to print calls back (``gemma_chat.template4.tool_call``):
+keys bare, strings between ``<|"|>`` marks (no escapes inside), ``true``/``false``, numbers,
+nested ``{...}`` (keys bare or quoted) and ``[...]``. Several calls may follow one another.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
+QUOTE = '<|"|>'
+
+_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_NAME = re.compile(r"call:([A-Za-z_][\w.\-]*)\{")
+_NULLS = {"null": None, "None": None, "none": None}
+_BOOLS = {"true": True, "false": False, "True": True, "False": False}
+
+
+class ToolCallSyntaxError(ValueError):
+    """A tool call that does not follow Gemma 4's syntax."""
+
+
+# -- Gemma 1-3: Google's prompt, JSON calls ---------------------------------------------------
+
+GEMMA3_PROMPT = (
+    "You have access to functions. If you decide to invoke any of the function(s), you MUST "
+    "put it in the format of\n"
+    '{"name": function name, "parameters": dictionary of argument name and its value}\n\n'
+    "You SHOULD NOT include any other text in the response if you call a function\n")
+
+
+def functions(tools: Sequence[Mapping]) -> list[dict]:
+    """The ``function`` records of OpenAI-style tools."""
+    out = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ValueError("each tool needs a function with a name")
+        out.append(dict(function))
+    return out
+
+
+def gemma3_preamble(tools: Sequence[Mapping]) -> str:
+    """Google's function-calling prompt with the tools' definitions, for the first user turn."""
+    return GEMMA3_PROMPT + json.dumps(functions(tools), indent=2, ensure_ascii=False) + "\n"
+
+
+def gemma3_call_schema(tools: Sequence[Mapping], name: str | None = None) -> dict:
+    """The JSON schema of one call to one of ``tools`` (or to ``name`` only)."""
+    options = []
+    for function in functions(tools):
+        if name is not None and function["name"] != name:
+            continue
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        options.append({"type": "object", "properties": {
+            "name": {"const": function["name"]}, "parameters": parameters},
+            "required": ["name", "parameters"], "additionalProperties": False})
+    if not options:
+        raise ValueError(f"no tool is called {name!r}")
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def gemma3_messages(messages: Sequence[Mapping], tools: Sequence[Mapping]) -> list[dict]:
+    """OpenAI messages with tools as Gemma 1-3 turns: the prompt and definitions before the
+    first user message, an assistant's calls as the JSON it wrote, tool results as user turns
+    of ```` ```tool_output ```` blocks (consecutive ones in one turn)."""
+    out: list[dict] = []
+    preamble = gemma3_preamble(tools) if tools else ""
+    for message in messages:
+        role, content = message.get("role"), message.get("content") or ""
+        if role == "assistant" and message.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "parameters": _arguments(c["function"])}
+                     for c in message["tool_calls"]]
+            text = "\n".join(json.dumps(c, ensure_ascii=False) for c in calls)
+            out.append({"role": "assistant", "content": (content + "\n" + text).strip()})
+        elif role == "tool":
+            block = f"```tool_output\n{content}\n```"
+            if out and out[-1]["role"] == "user" and out[-1].get("tool_output"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "tool_output": True})
+        elif role == "user" and preamble:
+            out.append({"role": "user", "content": preamble + "\n" + content})
+            preamble = ""
+        else:
+            out.append({"role": role, "content": content})
+    for message in out:
+        message.pop("tool_output", None)
+    return out
+
+
+def _arguments(function: Mapping) -> Any:
+    args = function.get("arguments")
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except ValueError:
+            return args
+    return args if args is not None else {}
+
+
+def parse_gemma3_call(text: str, tools: Sequence[Mapping]) -> dict[str, Any] | None:
+    """The call in a Gemma 1-3 reply (a JSON object naming one of ``tools``, perhaps in a code
+    fence), as ``{"name", "arguments"}``; None when the reply is not a call."""
+    body = text.strip()
+    fence = re.fullmatch(r"```[\w-]*\s*(.*?)\s*```", body, re.S)
+    if fence:
+        body = fence.group(1)
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    names = {f["name"] for f in functions(tools)}
+    if not (isinstance(value, dict) and value.get("name") in names):
+        return None
+    args = value.get("parameters", value.get("arguments", {}))
+    return {"name": value["name"], "arguments": args if isinstance(args, dict) else {}}
+
+
+def parse_gemma4_calls(text: str) -> tuple[list[dict[str, Any]], str]:
+    """The tool calls in ``text`` (name and arguments, in order) and the text around them.
+    A call that does not parse raises :class:`ToolCallSyntaxError` naming where."""
+    calls: list[dict[str, Any]] = []
+    rest: list[str] = []
+    pos = 0
+    while (start := text.find(CALL_OPEN, pos)) >= 0:
+        rest.append(text[pos:start])
+        end = text.find(CALL_CLOSE, start)
+        body = text[start + len(CALL_OPEN):end if end >= 0 else len(text)]
+        calls.append(parse_call(body))
+        pos = end + len(CALL_CLOSE) if end >= 0 else len(text)
+    rest.append(text[pos:])
+    return calls, "".join(rest).strip()
+
+
+def parse_call(body: str) -> dict[str, Any]:
+    """``call:NAME{...}`` -> ``{"name": NAME, "arguments": {...}}``."""
+    match = _NAME.match(body.strip())
+    if match is None:
+        raise ToolCallSyntaxError(f"a tool call must read call:NAME{{...}}, not {body[:40]!r}")
+    reader = _Reader(body.strip(), match.end() - 1)
+    arguments = reader.mapping()
+    if reader.text[reader.pos:].strip():
+        raise ToolCallSyntaxError(f"unexpected text after the arguments of {match.group(1)}: "
+                                  f"{reader.text[reader.pos:][:40]!r}")
+    return {"name": match.group(1), "arguments": arguments}
+
+
+class _Reader:
+    def __init__(self, text: str, pos: int):
+        self.text, self.pos = text, pos
+
+    def fail(self, what: str) -> ToolCallSyntaxError:
+        return ToolCallSyntaxError(f"{what} at {self.text[self.pos:self.pos + 30]!r}")
+
+    def skip(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] in " \n\t\r":
+            self.pos += 1
+
+    def take(self, token: str) -> bool:
+        self.skip()
+        if self.text.startswith(token, self.pos):
+            self.pos += len(token)
+            return True
+        return False
+
+    def value(self) -> Any:
+        self.skip()
+        text, pos = self.text, self.pos
+        if text.startswith(QUOTE, pos):
+            end = text.find(QUOTE, pos + len(QUOTE))
+            if end < 0:
+                raise self.fail("an unterminated string")
+            self.pos = end + len(QUOTE)
+            return text[pos + len(QUOTE):end]
+        if text.startswith("{", pos):
+            return self.mapping()
+        if text.startswith("[", pos):
+            return self.sequence()
+        if (number := _NUMBER.match(text, pos)) and \
+                not (number.end() < len(text) and (text[number.end()].isalnum()
+                                                   or text[number.end()] == "_")):
+            self.pos = number.end()
+            word = number.group()
+            return float(word) if any(c in word for c in ".eE") else int(word)
+        end = pos
+        while end < len(text) and text[end] not in ",}]":
+            end += 1
+        word = text[pos:end].strip()
+        if not word:
+            raise self.fail("a missing value")
+        self.pos = end
+        if word in _BOOLS:
+            return _BOOLS[word]
+        if word in _NULLS:
+            return None
+        return word  # a bare word: a string the model did not quote
+
+    def key(self) -> str:
+        self.skip()
+        if self.text.startswith(QUOTE, self.pos):
+            key = self.value()
+        else:
+            end = self.text.find(":", self.pos)
+            if end < 0:
+                raise self.fail("a key without a value")
+            key = self.text[self.pos:end].strip()
+            self.pos = end
+        if not key or not self.take(":"):
+            raise self.fail("a key must be followed by ':'")
+        return key
+
+    def mapping(self) -> dict[str, Any]:
+        if not self.take("{"):
+            raise self.fail("expected '{'")
+        out: dict[str, Any] = {}
+        if self.take("}"):
+            return out
+        while True:
+            key = self.key()
+            out[key] = self.value()
+            if self.take("}"):
+                return out
+            if not self.take(","):
+                raise self.fail("expected ',' or '}'")
+
+    def sequence(self) -> list[Any]:
+        self.take("[")
+        out: list[Any] = []
+        if self.take("]"):
+            return out
+        while True:
+            out.append(self.value())
+            if self.take("]"):
+                return out
+            if not self.take(","):
+                raise self.fail("expected ',' or ']'")
