@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 from .backends.base import Backend, SamplingParams, Stats, apply_model_defaults, collect
@@ -112,3 +113,75 @@ def _tap_thoughts(chunks, thoughts):
         if chunk.thought:
             thoughts(chunk)
         yield chunk
+
+
+#: Model turns one `--tools` answer may take before it must answer in text.
+MAX_TOOL_ROUNDS = 8
+
+
+def answer_with_tools(backend: Backend, messages: list[dict], tools: Sequence, sampling:
+                      SamplingParams, *, choice: str = "auto", thinking: bool = False,
+                      confirm: Callable[[str, dict], bool], note: Callable[[str], object],
+                      timeout: float = 30.0) -> tuple[str, Stats]:
+    """Answer the last user message, calling ``tools`` (:class:`~gemma_chat.local_tools.
+    LocalTool`) as the model asks: each call is shown (``note``) and run only if ``confirm``
+    says so, its result (or why it failed) goes back to the model, until it answers in text.
+    ``choice`` is ``auto``, ``required`` or a tool's name, for the first turn only. Returns
+    the answer and the last turn's stats; ``messages`` gains the turns."""
+    from .local_tools import ToolFailed
+    from .structured import json_constraint
+    from .template4 import TOOL_CALL
+    from .tools import ToolRequest, gemma3_call_schema, gemma3_messages, read_calls
+
+    prompts = PromptBuilder(backend)
+    gemma4 = prompts.format.name == "gemma4"
+    declared = [t.declaration() for t in tools]
+    by_name = {t.name: t for t in tools}
+    name = choice if choice not in ("auto", "required") else None
+    for round_ in range(MAX_TOOL_ROUNDS):
+        forced, options = "", {}
+        if gemma4:
+            ids = prompts.chat(messages, thinking=thinking, tools=declared)
+        else:
+            ids = prompts.chat(gemma3_messages(messages, declared))
+        if round_ == 0 and choice != "auto":
+            if gemma4:
+                forced = "call:" + (f"{name}{{" if name else "")
+                ids += prompts.tokens([TOOL_CALL, forced])
+                forced = str(TOOL_CALL) + forced
+            else:
+                options["constraint"] = json_constraint(
+                    backend, gemma3_call_schema(declared, name))
+        text, stats = generate(backend, ids, sampling, lambda _: None,
+                               thought_ids=prompts.thought_ids, **options)
+        full = forced + backend.detokenize(stats.token_ids, special=True) if gemma4 else text
+        request = ToolRequest(declared, "auto")
+        calls, rest = read_calls(full, request, gemma4)
+        if not calls:
+            messages.append({"role": "assistant", "content": text})
+            return text, stats
+        turn = {"role": "assistant", "content": rest, "tool_calls": []}
+        results = []
+        for call in calls:
+            function = call["function"]
+            args = json.loads(function["arguments"])
+            turn["tool_calls"].append({"id": call["id"], "type": "function",
+                                       "function": {"name": function["name"],
+                                                    "arguments": args}})
+            shown = f"{function['name']}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+            tool = by_name[function["name"]]
+            if not confirm(shown, args):
+                result = "The user declined to run this tool."
+                note(f"not run: {shown}")
+            else:
+                try:
+                    result = tool.call(tool.check(args), timeout=timeout)
+                    note(f"ran {shown} -> {result[:200]}")
+                except ToolFailed as exc:
+                    result = f"error: {exc}"
+                    note(f"failed: {exc}")
+            results.append({"role": "tool", "tool_call_id": call["id"],
+                            "name": function["name"], "content": result})
+        messages += [turn, *results]
+    raise InvalidArgument(f"the model still called tools after {MAX_TOOL_ROUNDS} turns; "
+                          "stopped")

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
@@ -29,6 +31,44 @@ _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _NAME = re.compile(r"call:([A-Za-z_][\w.\-]*)\{")
 _NULLS = {"null": None, "None": None, "none": None}
 _BOOLS = {"true": True, "false": False, "True": True, "False": False}
+
+
+@dataclass
+class ToolRequest:
+    """What a request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` ask for."""
+
+    tools: list[dict]
+    choice: str  # "auto", "none" or "required"
+    name: str | None = None  # the one function a named tool_choice requires
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.choice != "none"
+
+
+def read_calls(text: str, tools: ToolRequest, gemma4: bool) -> tuple[list[dict], str]:
+    """The calls of a reply as OpenAI ``tool_calls`` (each with a fresh id), and the rest of its
+    text. A call to a function not in ``tools``, or one that does not parse, stays text."""
+    from .template4 import strip_thinking
+
+    if gemma4:
+        try:
+            calls, rest = parse_gemma4_calls(strip_thinking(text))
+        except ToolCallSyntaxError:
+            return [], text
+    else:
+        call = parse_gemma3_call(text, tools.tools)
+        calls, rest = ([call], "") if call is not None else ([], text)
+    known = {t["function"]["name"] for t in tools.tools}
+    if any(c["name"] not in known for c in calls):
+        return [], text
+    if not tools.parallel:
+        calls = calls[:1]
+    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+             "function": {"name": c["name"],
+                          "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls], rest
 
 
 class ToolCallSyntaxError(ValueError):

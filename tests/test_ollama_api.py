@@ -72,7 +72,7 @@ def test_root_version_tags_show_ps(client):
     assert listing.models[0].details.family == "gemma3"
     show = types.ShowResponse(**client.post("/api/show", json={"model": "scripted"}).json())
     assert show.modelinfo["general.architecture"] == "gemma3"
-    assert show.capabilities == ["completion"]
+    assert show.capabilities == ["completion", "tools"]
     assert types.ProcessResponse(**client.get("/api/ps").json()).models[0].context_length
 
 

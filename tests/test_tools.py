@@ -69,7 +69,8 @@ def test_tool_request_fields():
 def test_calls_read_from_replies_of_each_format():
     import json
 
-    from gemma_chat.server.openai import read_calls, tool_request
+    from gemma_chat.server.openai import tool_request
+    from gemma_chat.tools import read_calls
 
     tools = tool_request({"tools": [WEATHER]})
     calls, rest = read_calls('```json\n{"name": "get_weather", "parameters": '
@@ -149,3 +150,50 @@ def test_openai_client_gets_a_tool_call_and_sends_the_result_back(backend):
         assert final.choices[0].finish_reason in ("stop", "length")
         assert final.choices[0].message.content and not final.choices[0].message.tool_calls
         assert final.usage.prompt_tokens > reply.usage.prompt_tokens
+
+
+def test_ollama_tool_messages_become_openai_shaped():
+    from gemma_chat.server.ollama import chat_messages, tool_calls
+
+    messages = chat_messages({"messages": [
+        {"role": "user", "content": "Weather in Oslo and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+            {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "content": "12 C", "tool_name": "get_weather"},
+        {"role": "tool", "content": "20 C"}]})
+    ids = [c["id"] for c in messages[1]["tool_calls"]]
+    assert [m.get("tool_call_id") for m in messages[2:]] == ids  # answered in order
+    assert messages[2]["name"] == "get_weather" and "name" not in messages[3]
+    openai_calls = [{"function": {"name": "f", "arguments": '{"a": [1, 2]}'}}]
+    assert tool_calls(openai_calls) == [{"function": {"name": "f", "arguments": {"a": [1, 2]}}}]
+
+
+@pytest.mark.slow
+def test_ollama_client_with_tools(backend):
+    """Ollama's client with tools (it has no tool_choice: the model decides) on the 270M: a
+    well-formed reply either way, and a tool's result taken back into the next prompt."""
+    ollama = pytest.importorskip("ollama")
+    from conftest import serving
+
+    from gemma_chat.server import create_app
+
+    with serving(create_app(backend, ["gemma-3-270m"])) as url:
+        client = ollama.Client(host=url)
+        messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+        reply = client.chat(model="gemma-3-270m", messages=messages, tools=[WEATHER],
+                            options={"seed": 2, "num_predict": 48})
+        assert reply.done and (reply.message.content or reply.message.tool_calls)
+        for call in reply.message.tool_calls or []:
+            assert call.function.name == "get_weather" and isinstance(
+                call.function.arguments, dict)
+        streamed = list(client.chat(model="gemma-3-270m", messages=messages, tools=[WEATHER],
+                                    options={"seed": 2, "num_predict": 48}, stream=True))
+        assert streamed[-1].done and not any(p.done for p in streamed[:-1])
+        assert "".join(p.message.content for p in streamed) == reply.message.content
+        messages += [{"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "content": "12 C and sunny", "tool_name": "get_weather"}]
+        final = client.chat(model="gemma-3-270m", messages=messages, tools=[WEATHER],
+                            options={"temperature": 0, "num_predict": 24})
+        assert final.done and final.prompt_eval_count > reply.prompt_eval_count

@@ -67,6 +67,13 @@ def run(
     json_schema: Annotated[str | None, typer.Option(
         "--json-schema", help="Constrain the reply to this JSON schema (its text or a "
                               "file).")] = None,
+    tools_file: Annotated[Path | None, typer.Option(
+        "--tools", help="Offer the documented functions of this Python file as tools; each "
+                        "call runs your code after you confirm it (--yes: without asking).")]
+        = None,
+    tool_choice: Annotated[str, typer.Option(
+        "--tool-choice", help="auto (the model decides), required (it must call one), or a "
+                              "tool's name; for its first turn.")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
                                           "to stderr.")] = False,
     yes: YesOpt = False,
@@ -80,6 +87,19 @@ def run(
     text = gen.compose(prompt, stdin_text)
     overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     schema = wanted_schema(format_, json_schema)
+    tools = None
+    if tools_file is not None:
+        from ..local_tools import load_tools
+
+        if schema is not None:
+            raise click.UsageError("--tools and --format/--json-schema exclude each other")
+        tools = load_tools(tools_file)
+        if tool_choice not in ("auto", "required", *(t.name for t in tools)):
+            raise click.UsageError(f"--tool-choice must be auto, required or one of: "
+                                   f"{', '.join(t.name for t in tools)}")
+        if not yes and not sys.stdin.isatty():
+            raise click.UsageError("a tool call runs your code: without a terminal to confirm "
+                                   "each one, say --yes to run them all")
     with load(model, backend, ctx, threads, spinner=False, yes=yes) as opened:
         use_chat = chat or (opened.resolved.instruction_tuned and not raw)
         prompts = gen.PromptBuilder(opened.backend)
@@ -92,16 +112,22 @@ def run(
             print_info(opened.backend.info, use_chat, sampling)
         write = (lambda s: None) if as_json else stdout_writer()
         thoughts = ThoughtsToStderr(show=not (hide_thinking or as_json))
-        options = {}
-        if schema is not None:
-            from ..structured import json_constraint
+        if tools is not None:
+            out, stats = tools_answer(opened.backend, text, system, tools, sampling,
+                                      tool_choice, thinking, yes)
+            write(out)
+        else:
+            options = {}
+            if schema is not None:
+                from ..structured import json_constraint
 
-            options["constraint"] = json_constraint(opened.backend, schema)
-        out, stats = gen.generate(opened.backend, ids, sampling, write,
-                                  thought_ids=prompts.thought_ids, thoughts=thoughts, **options)
-        if schema is not None and stats.stop_reason != "stop":
-            stderr().print(f"[yellow]the reply ended early ({stats.stop_reason}), so its JSON "
-                           "is incomplete: raise --max-tokens[/yellow]")
+                options["constraint"] = json_constraint(opened.backend, schema)
+            out, stats = gen.generate(opened.backend, ids, sampling, write,
+                                      thought_ids=prompts.thought_ids, thoughts=thoughts,
+                                      **options)
+            if schema is not None and stats.stop_reason != "stop":
+                stderr().print(f"[yellow]the reply ended early ({stats.stop_reason}), so its "
+                               "JSON is incomplete: raise --max-tokens[/yellow]")
         thoughts.done()
         if as_json:
             record = {
@@ -118,6 +144,27 @@ def run(
         sys.stdout.flush()
         if verbose:
             print_stats(stats)
+
+
+def tools_answer(backend, text: str, system: str | None, tools, sampling, choice: str,
+                 thinking: bool, yes: bool):
+    """``gemma run --tools``: the answer after the model's tool calls, each shown on stderr
+    and run after a keypress (or at once with ``--yes``)."""
+    from .. import generate as gen
+
+    def confirm(shown: str, _args: dict) -> bool:
+        if yes:
+            return True
+        sys.stderr.write(f"tool call {shown}: this runs your code. Run it? [y/N] ")
+        sys.stderr.flush()
+        answer = sys.stdin.readline().strip().lower()
+        return answer in ("y", "yes")
+
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": text}]
+    return gen.answer_with_tools(backend, messages, tools, sampling, choice=choice,
+                                 thinking=thinking, confirm=confirm,
+                                 note=dim)
 
 
 def wanted_schema(format_: str | None, json_schema: str | None) -> dict | None:

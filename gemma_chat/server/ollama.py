@@ -26,7 +26,9 @@ from starlette.routing import Route
 
 from ..backends.base import Stats
 from ..structured import ANY_OBJECT
+from ..tools import read_calls
 from .core import APIError, Job, Server
+from .openai import tool_request
 
 #: The Ollama API version whose behaviour this mirrors (clients compare it).
 VERSION = "0.12.6"
@@ -122,9 +124,6 @@ def format_schema(data: Mapping) -> dict | None:
 
 def unsupported(data: Mapping) -> None:
     """What gemma serve does not do yet, refused in Ollama's words rather than ignored."""
-    if data.get("tools"):
-        raise APIError(400, f'"{data.get("model")}" does not support tools in gemma serve '
-                               "yet")
     if data.get("images"):
         raise APIError(400, "images are not supported by gemma serve yet")
 
@@ -142,18 +141,41 @@ def chat_messages(data: Mapping) -> list[dict]:
         if not isinstance(m, Mapping):
             raise APIError(400, f"message {i} must be an object")
         role = str(m.get("role") or "").lower()
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"message {i}: role {role!r} is not supported (system, user "
-                                   "or assistant)")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"message {i}: role {role!r} is not supported (system, user, "
+                                   "assistant or tool)")
         if m.get("images"):
             raise APIError(400, "images are not supported by gemma serve yet")
-        if m.get("tool_calls"):
-            raise APIError(400, "tool calls are not supported by gemma serve yet")
         content = m.get("content", "")
         if not isinstance(content, str):
             raise APIError(400, f"message {i}: content must be a string")
-        out.append({"role": role, "content": content})
+        message: dict = {"role": role, "content": content}
+        calls = m.get("tool_calls")
+        if role == "assistant" and calls:
+            if not isinstance(calls, list):
+                raise APIError(400, f"message {i}: tool_calls must be an array")
+            # Ollama's calls carry no ids: the results that follow answer them in order.
+            message["tool_calls"] = [
+                {"id": f"call_{i}_{k}", "type": "function",
+                 "function": (c.get("function") if isinstance(c, Mapping) else None) or {}}
+                for k, c in enumerate(calls)]
+        if role == "tool":
+            previous = next((o for o in reversed(out) if o.get("tool_calls")), None)
+            answered = sum(o["role"] == "tool" for o in out[out.index(previous) + 1:]) \
+                if previous is not None else 0
+            if previous is not None and answered < len(previous["tool_calls"]):
+                message["tool_call_id"] = previous["tool_calls"][answered]["id"]
+            if isinstance(m.get("tool_name"), str):
+                message["name"] = m["tool_name"]
+        out.append(message)
     return out
+
+
+def tool_calls(calls: list[dict]) -> list[dict]:
+    """OpenAI-style calls as Ollama writes them: arguments an object, not a JSON string."""
+    return [{"function": {"name": c["function"]["name"],
+                          "arguments": json.loads(c["function"]["arguments"])}}
+            for c in calls]
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -199,7 +221,7 @@ def digest(path: Path) -> str:
 
 
 def capabilities(can_think: bool) -> list[str]:
-    return ["completion", *(["thinking"] if can_think else [])]
+    return ["completion", "tools", *(["thinking"] if can_think else [])]
 
 
 def parameters(defaults: Mapping[str, object], stops: Iterable[str]) -> str:
@@ -299,8 +321,11 @@ def routes(server: Server, guarded) -> list[Route]:
         thinking = think(data.get("think"), server.prompts.can_think, model)
         fields, stops = options(data.get("options"))
         raw, prompt = False, ""
+        tools = None
         if chat:
             messages = chat_messages(data)
+            if data.get("tools"):  # Ollama has no tool_choice: the model decides
+                tools = tool_request({"tools": data["tools"]})
         else:
             prompt = data.get("prompt") or ""
             if not isinstance(prompt, str):
@@ -332,7 +357,8 @@ def routes(server: Server, guarded) -> list[Route]:
         else:
             request_data = {"messages": messages,
                             "chat_template_kwargs": {"enable_thinking": thinking}}
-            ids = await asyncio.to_thread(server.chat_prompt, request_data)
+            ids = await asyncio.to_thread(server.chat_prompt, request_data,
+                                          tools.tools if tools is not None else None)
         job = Job(ids, server.sampling(fields, len(ids)), stops,
                   thought_ids=server.prompts.thought_ids)
         schema = format_schema(data)
@@ -352,6 +378,25 @@ def routes(server: Server, guarded) -> list[Route]:
             if not chat and not raw:
                 record["context"] = ids + (stats.token_ids if stats else [])
             return record
+
+        if tools is not None:  # generated whole, then its calls read back
+            text, thoughts, stats, reason = await server.collect(request, job)
+            if reason == "cancelled":
+                raise APIError(503, "the server is shutting down")
+            gemma4 = server.prompts.format.name == "gemma4"
+            full = server.backend.detokenize(stats.token_ids, special=True) \
+                if gemma4 and stats is not None else text
+            calls, rest = read_calls(full, tools, gemma4)
+            record = final(stats, reason, rest if calls else text, thoughts)
+            if calls:
+                record["message"]["tool_calls"] = tool_calls(calls)
+            if not data.get("stream", True):
+                return JSONResponse(record)
+            first = {k: v for k, v in record.items() if k in ("model", "created_at", "message")}
+            first["done"] = False
+            last = final(stats, reason)
+            return StreamingResponse(iter([ndjson(first), ndjson(last)]),
+                                     media_type="application/x-ndjson")
 
         if data.get("stream", True):
             async def lines():

@@ -8,7 +8,6 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -16,7 +15,7 @@ from starlette.routing import Route
 
 from ..backends.base import Stats
 from ..structured import ANY_OBJECT
-from ..tools import ToolCallSyntaxError, gemma3_call_schema, parse_gemma3_call, parse_gemma4_calls
+from ..tools import ToolRequest, gemma3_call_schema, read_calls
 from .core import APIError, Job, Server
 
 SHUTTING_DOWN = {"message": "the server is shutting down", "type": "server_error", "param": None,
@@ -51,20 +50,6 @@ def response_format(data: dict) -> dict | None:
                        param="response_format")
     raise APIError(400, "response_format.type must be text, json_object or json_schema",
                    param="response_format")
-
-
-@dataclass
-class ToolRequest:
-    """What a request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` ask for."""
-
-    tools: list[dict]
-    choice: str  # "auto", "none" or "required"
-    name: str | None = None  # the one function a named tool_choice requires
-    parallel: bool = True
-
-    @property
-    def active(self) -> bool:
-        return self.choice != "none"
 
 
 def tool_request(data: dict) -> ToolRequest | None:
@@ -107,30 +92,6 @@ def tool_request(data: dict) -> ToolRequest | None:
         raise APIError(400, "parallel_tool_calls must be true or false",
                        param="parallel_tool_calls")
     return ToolRequest(list(tools), choice, name, parallel)
-
-
-def read_calls(text: str, tools: ToolRequest, gemma4: bool) -> tuple[list[dict], str]:
-    """The calls of a reply as OpenAI ``tool_calls`` (each with a fresh id), and the rest of its
-    text. A call to a function not in ``tools``, or one that does not parse, stays text."""
-    from ..template4 import strip_thinking
-
-    if gemma4:
-        try:
-            calls, rest = parse_gemma4_calls(strip_thinking(text))
-        except ToolCallSyntaxError:
-            return [], text
-    else:
-        call = parse_gemma3_call(text, tools.tools)
-        calls, rest = ([call], "") if call is not None else ([], text)
-    known = {t["function"]["name"] for t in tools.tools}
-    if any(c["name"] not in known for c in calls):
-        return [], text
-    if not tools.parallel:
-        calls = calls[:1]
-    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-             "function": {"name": c["name"],
-                          "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-            for c in calls], rest
 
 
 def sse(data: object) -> str:
