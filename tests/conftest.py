@@ -202,3 +202,25 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def assert_extension_reuses_the_cache(client, between=None, *, reply_tokens: int = 24,
+                                      question: str = "Name three colours of the rainbow.",
+                                      new_tokens: int = 16) -> None:
+    """Through the openai ``client`` of a served 270M: a chat request, then (``between``, a
+    callable, may send another request in between) the same chat extended by the reply and
+    a new user turn, which must evaluate only its new tokens (``cached_tokens``): everything
+    but the new user turn, the reply's closing and its last token (sampled, never evaluated)
+    comes from the cache."""
+    first = [{"role": "user", "content": question}]
+    a = client.chat.completions.create(model="gemma-3-270m", messages=first,
+                                       max_tokens=reply_tokens, temperature=0)
+    if between is not None:
+        between()
+    longer = first + [{"role": "assistant", "content": a.choices[0].message.content},
+                      {"role": "user", "content": "And two more?"}]
+    b = client.chat.completions.create(model="gemma-3-270m", messages=longer, max_tokens=2,
+                                       temperature=0)
+    cached = b.usage.prompt_tokens_details.cached_tokens
+    assert cached >= a.usage.prompt_tokens + a.usage.completion_tokens - 1
+    assert b.usage.prompt_tokens - cached <= new_tokens

@@ -15,7 +15,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("mlx_lm")
 pytestmark = pytest.mark.slow
 
-from conftest import serving  # noqa: E402
+from conftest import assert_extension_reuses_the_cache, serving  # noqa: E402
 
 from gemma_chat.server import create_app  # noqa: E402
 
@@ -77,16 +77,7 @@ def test_concurrent_streams_and_a_seed_beside_others(served):
 def test_a_request_extending_an_earlier_one_evaluates_only_its_new_tokens(served):
     url, _ = served
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
-    first = [{"role": "user", "content": "Name a colour."}]
-    a = client.chat.completions.create(model="gemma-3-270m", messages=first, max_tokens=6,
-                                       temperature=0)
-    longer = first + [{"role": "assistant", "content": a.choices[0].message.content},
-                      {"role": "user", "content": "Another?"}]
-    b = client.chat.completions.create(model="gemma-3-270m", messages=longer, max_tokens=2,
-                                       temperature=0)
-    cached = b.usage.prompt_tokens_details.cached_tokens
-    assert cached >= a.usage.prompt_tokens + a.usage.completion_tokens - 1
-    assert b.usage.prompt_tokens - cached <= 12
+    assert_extension_reuses_the_cache(client, reply_tokens=6, question="Name a colour.")
 
 
 def test_a_disconnected_client_frees_its_slot(served):

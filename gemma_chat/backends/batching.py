@@ -28,6 +28,16 @@ DEFAULT_MAX_QUEUE = 64
 PREFILL_CHUNK = 256
 
 
+def continues(cached: list[int], prompt: list[int]) -> int:
+    """How many cached tokens a request would reuse if it took this cache, or 0 where it is
+    not a continuation of it: the shared prefix must be at least half of the cache or of the
+    prompt (as llama-server's prompt similarity). Else a short shared opening, such as
+    ``<bos><start_of_turn>user``, would let an unrelated request wipe another conversation's
+    cache while empty slots wait."""
+    shared = base.common_prefix(cached, prompt)
+    return shared if shared and 2 * shared >= min(len(cached), len(prompt)) else 0
+
+
 class QueueFull(GemmaChatError):
     """Every slot is busy and the queue in front of them is full."""
 

@@ -28,8 +28,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import BackendError
-from . import base
-from .batching import DEFAULT_MAX_QUEUE, PREFILL_CHUNK, BatchingEngine, Request, Run
+from .batching import DEFAULT_MAX_QUEUE, PREFILL_CHUNK, BatchingEngine, Request, Run, continues
 from .mlx import _trim, _trimmable, sampling_functions
 
 try:
@@ -103,11 +102,13 @@ class MlxSlotEngine(BatchingEngine):
         if len(self._active) >= self.n_slots:
             return False
         ids = request.prompt
-        cache, keep, note = self._reuse(ids)
-        while self._parked and len(self._parked) + len(self._active) >= self.n_slots:
-            self._parked.remove(min(self._parked, key=lambda p: p.last_used))
         sp = request.sampling
         own = sp.seed is not None
+        # A seeded request starts from a fresh cache: logits after a reused prefix differ in
+        # the last bits from those of the whole prompt, and so could its tokens.
+        cache, keep, note = self._reuse(ids) if not own else (None, 0, "")
+        while self._parked and len(self._parked) + len(self._active) >= self.n_slots:
+            self._parked.remove(min(self._parked, key=lambda p: p.last_used))
         sampler, processors = sampling_functions(sp, request.logit_bias, request.constraint)
         room = self.n_ctx - len(ids)
         lane = self._lane() if own else self._shared
@@ -125,10 +126,9 @@ class MlxSlotEngine(BatchingEngine):
         used."""
         if not self._parked:
             return None, 0, ""
-        best = max(self._parked,
-                   key=lambda p: (base.common_prefix(p.tokens, ids), p.last_used))
-        keep = min(base.common_prefix(best.tokens, ids), len(ids) - 1)  # >= 1 to evaluate
-        if keep <= 0:
+        best = max(self._parked, key=lambda p: (continues(p.tokens, ids), p.last_used))
+        keep = min(continues(best.tokens, ids), len(ids) - 1)  # >= 1 token to evaluate
+        if keep <= 0:  # no parked cache that this request continues: leave them all be
             return None, 0, ""
         self._parked.remove(best)
         drop = len(best.tokens) - keep

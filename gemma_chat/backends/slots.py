@@ -30,7 +30,15 @@ import numpy as np
 
 from ..errors import BackendError
 from . import base
-from .batching import DEFAULT_MAX_QUEUE, PREFILL_CHUNK, BatchingEngine, QueueFull, Request, Run
+from .batching import (
+    DEFAULT_MAX_QUEUE,
+    PREFILL_CHUNK,
+    BatchingEngine,
+    QueueFull,
+    Request,
+    Run,
+    continues,
+)
 
 try:
     import llama_cpp
@@ -119,12 +127,12 @@ class SlotEngine(BatchingEngine):
         return True
 
     def _pick(self, prompt: list[int]) -> _Slot | None:
-        """The free slot sharing the longest prefix with ``prompt``, else the least recently
-        used free one."""
+        """The free slot whose cache ``prompt`` continues (:func:`continues`), else the least
+        recently used free one (an empty one first)."""
         free = [s for s in self._slots if s.run is None]
         if not free:
             return None
-        return max(free, key=lambda s: (base.common_prefix(s.cells, prompt), -s.last_used))
+        return max(free, key=lambda s: (continues(s.cells, prompt), -s.last_used))
 
     def _assign(self, slot: _Slot, request: Request) -> None:
         ids = request.prompt
