@@ -5,14 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from conftest import GEMMA
+from conftest import GEMMA, serving
 
 from gemma_chat.backends.llamacpp import LlamaCppBackend
 from gemma_chat.resolve import resolve
@@ -36,17 +34,8 @@ def served(gguf_path):
     backend = LlamaCppBackend(resolve(str(gguf_path)), n_ctx=2048)
     app = create_app(backend, ["gemma-3-270m", "270m"], api_key=KEY,
                      cors=["http://localhost:3000"], max_body=1 << 20)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", backend
-    server.should_exit = True
-    thread.join(15)
+    with serving(app) as url:
+        yield url, backend
     backend.close()
 
 
