@@ -3,8 +3,10 @@ never read or write a developer's real model store, and nothing reaches the netw
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,6 +15,9 @@ from pathlib import Path
 import pytest
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="gemma-tests-"))
+# The session's store holds the unpacked demo model and its conversions (about 800 MB): it goes
+# when the session ends, or every run would leave that much behind.
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
 os.environ["GEMMA_HOME"] = str(_SESSION_HOME / "gemma-home")
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf-home")
 os.environ["HF_HUB_CACHE"] = str(_SESSION_HOME / "hf-home" / "hub")
