@@ -39,22 +39,32 @@ class Exchange:
     reply_ids: list[int] = field(default_factory=list)  # every generated id, thoughts included
     interrupted: bool = False
     thoughts: str = ""
+    calls: list[dict] = field(default_factory=list)  # tool calls and results, in between
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"user": self.user, "reply": self.reply,
                                   "interrupted": self.interrupted}
         if self.thoughts:
             out["thoughts"] = self.thoughts
+        if self.calls:
+            out["calls"] = self.calls
         return out
+
+    def messages(self) -> list[dict]:
+        """The exchange as OpenAI-style messages."""
+        return [{"role": "user", "content": self.user}, *self.calls,
+                {"role": "assistant", "content": self.reply}]
 
 
 class Conversation:
     """The exchanges of one chat, their token ids, and ``send`` to add one more."""
 
-    def __init__(self, backend: Backend, system: str | None = None, thinking: bool = False):
+    def __init__(self, backend: Backend, system: str | None = None, thinking: bool = False,
+                 tools: list[dict] | None = None):
         self.backend = backend
         self.system = system or None
         self.thinking = thinking
+        self.tools = tools or None  # OpenAI-style declarations the model may call
         self.exchanges: list[Exchange] = []
         self.last_stats: Stats | None = None
         self.dropped = 0  # exchanges the last send dropped to fit the context
@@ -64,6 +74,15 @@ class Conversation:
 
     def ids_for(self, exchanges: list[Exchange], pending: str | None = None) -> list[int]:
         """The token ids of ``exchanges`` and, when given, a new user turn awaiting a reply."""
+        if not exchanges and pending is None:
+            return []
+        if self.tools or any(ex.calls for ex in exchanges):
+            # Declared tools, calls and results: the whole conversation in the model's format.
+            messages = self.messages_of(exchanges)
+            if pending is not None:
+                messages.append({"role": "user", "content": pending})
+            return self.prompts.with_tools(messages, self.tools, thinking=self.thinking,
+                                           open_reply=pending is not None)
         ids: list[int] = []
         for i, ex in enumerate(exchanges):
             ids += self.prompts.exchange(ex.user, ex.reply, ex.reply_ids, first=i == 0,
@@ -81,10 +100,12 @@ class Conversation:
     @property
     def messages(self) -> list[dict[str, str]]:
         """OpenAI-style messages, the system prompt first when there is one."""
+        return self.messages_of(self.exchanges)
+
+    def messages_of(self, exchanges: list[Exchange]) -> list[dict]:
         out = [{"role": "system", "content": self.system}] if self.system else []
-        for ex in self.exchanges:
-            out += [{"role": "user", "content": ex.user},
-                    {"role": "assistant", "content": ex.reply}]
+        for ex in exchanges:
+            out += ex.messages()
         return out
 
     def render(self) -> str:
@@ -115,23 +136,47 @@ class Conversation:
 
     # -- turns ----------------------------------------------------------------------------
 
-    def send(self, text: str, sampling: SamplingParams, **options) -> Iterator[Chunk]:
+    def send(self, text: str, sampling: SamplingParams, *, run_calls=None,
+             tool_choice: str = "auto", **options) -> Iterator[Chunk]:
         """Stream the model's reply to ``text``; the exchange is recorded when the stream
         ends, also when it is closed early (Ctrl-C): then the partial reply is kept, marked
         interrupted. Raises :class:`ContextOverflow` before recording anything when ``text``
-        alone does not fit."""
+        alone does not fit. With tools declared, ``run_calls(calls)`` answers the model's
+        calls (:func:`gemma_chat.generate.tool_turns`): the stream goes on through every
+        turn, and the exchange keeps the calls and results."""
         if not text.strip():
             raise InvalidArgument("the message is empty")
         reserve = min(sampling.max_tokens or DEFAULT_REPLY_RESERVE,
                       self.backend.info.n_ctx // 4)
         kept, prompt = self._fit(text, reserve)
-        stream = split_thoughts(self.backend.stream(prompt, sampling, **options),
-                                self.prompts.thought_ids)
-        self.dropped = len(self.exchanges) - len(kept)
-        self.exchanges = kept
         exchange = Exchange(text)
         pieces: list[str] = []
         thoughts: list[str] = []
+        messages: list[dict] = []
+        if self.tools and run_calls is not None:
+            from .generate import tool_turns
+
+            messages = self.messages_of(kept) + [{"role": "user", "content": text}]
+            start = len(messages)
+
+            def between(calls: list[dict]) -> list[dict]:
+                # That turn called tools: its text is not the reply, its calls are kept.
+                nonlocal finished
+                finished = False
+                pieces.clear()
+                thoughts.clear()
+                exchange.reply_ids.clear()
+                results = run_calls(calls)
+                exchange.calls = messages[start:] + results
+                return results
+
+            stream = tool_turns(self.backend, self.prompts, messages, self.tools, sampling,
+                                run_calls=between, choice=tool_choice, thinking=self.thinking)
+        else:
+            stream = split_thoughts(self.backend.stream(prompt, sampling, **options),
+                                    self.prompts.thought_ids)
+        self.dropped = len(self.exchanges) - len(kept)
+        self.exchanges = kept
         finished = False
         try:
             for chunk in stream:

@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
-from .backends.base import Backend, SamplingParams, Stats, apply_model_defaults, collect
+from .backends.base import Backend, Chunk, SamplingParams, Stats, apply_model_defaults, collect
 from .errors import InvalidArgument
 from .prompt import PromptBuilder
 from .thinking import split_thoughts
@@ -115,8 +116,76 @@ def _tap_thoughts(chunks, thoughts):
         yield chunk
 
 
-#: Model turns one `--tools` answer may take before it must answer in text.
+#: Model turns one answer may take with tools before it must answer in text.
 MAX_TOOL_ROUNDS = 8
+
+
+def tool_turns(backend: Backend, prompts: PromptBuilder, messages: list[dict],
+               declared: Sequence[dict], sampling: SamplingParams, *,
+               run_calls: Callable[[list[dict]], list[dict]], choice: str = "auto",
+               thinking: bool = False) -> Iterator[Chunk]:
+    """Stream the model's turns answering the last of ``messages`` with the tools
+    ``declared``: after a turn with calls, ``run_calls(calls)`` gives the ``tool`` messages
+    with their results and the model goes on, until it answers in text. Chunks of every turn
+    come out (thoughts marked; a Gemma 4 call's own tokens with no text); ``messages`` gains
+    each finished turn. ``choice`` (``auto``, ``required`` or a tool's name) holds for the
+    first turn; calls are constrained as :func:`~gemma_chat.tools.plan_calls` says."""
+    from .template4 import END_TOOL_CALL, TOOL_CALL
+    from .tools import ToolRequest, plan_calls, read_calls
+
+    gemma4 = prompts.format.name == "gemma4"
+    call_marks = (prompts.tokens([TOOL_CALL])[0], prompts.tokens([END_TOOL_CALL])[0]) \
+        if gemma4 else None
+    grammars: dict[str, object] = {}
+
+    def compile(key, build):
+        if key not in grammars:
+            grammars[key] = build()
+        return grammars[key]
+
+    for round_ in range(MAX_TOOL_ROUNDS):
+        first = choice if round_ == 0 else "auto"
+        request = ToolRequest(list(declared), "auto" if first == "auto" else "required",
+                              None if first in ("auto", "required") else first)
+        plan = plan_calls(backend, prompts, request, compile)
+        ids = prompts.with_tools(messages, declared, thinking=thinking) + \
+            prompts.tokens(plan.prefix)
+        stream = split_thoughts(backend.stream(ids, sampling, constraint=plan.constraint),
+                                prompts.thought_ids)
+        pieces, stats = [], None
+        for chunk in _quiet_calls(stream, call_marks, bool(plan.prefix)):
+            if not chunk.thought:
+                pieces.append(chunk.text)
+            stats = chunk.stats or stats
+            yield chunk
+        text = "".join(pieces)
+        full = plan.forced + backend.detokenize(stats.token_ids, special=True) \
+            if gemma4 and stats is not None else text
+        calls, rest = read_calls(full, request, gemma4, known_only=False)
+        if not calls:
+            messages.append({"role": "assistant", "content": text})
+            return
+        messages.append({"role": "assistant", "content": rest, "tool_calls": [
+            {**call, "function": {"name": call["function"]["name"],
+                                  "arguments": json.loads(call["function"]["arguments"])}}
+            for call in calls]})
+        messages += run_calls(calls)
+    raise InvalidArgument(f"the model still called tools after {MAX_TOOL_ROUNDS} turns; "
+                          "stopped")
+
+
+def _quiet_calls(chunks: Iterator[Chunk], marks: tuple[int, int] | None,
+                 inside: bool) -> Iterator[Chunk]:
+    """The chunks, with no text from a Gemma 4 call's opening to its close: a call is shown
+    as the call it is, not as the model spells it."""
+    for chunk in chunks:
+        if marks is not None and marks[0] in chunk.token_ids:
+            inside = True
+        if inside:
+            if marks is not None and marks[1] in chunk.token_ids:
+                inside = False
+            chunk = replace(chunk, text="")
+        yield chunk
 
 
 def answer_with_tools(backend: Backend, messages: list[dict], tools: Sequence, sampling:
@@ -126,62 +195,14 @@ def answer_with_tools(backend: Backend, messages: list[dict], tools: Sequence, s
     """Answer the last user message, calling ``tools`` (:class:`~gemma_chat.local_tools.
     LocalTool`) as the model asks: each call is shown (``note``) and run only if ``confirm``
     says so, its result (or why it failed) goes back to the model, until it answers in text.
-    ``choice`` is ``auto``, ``required`` or a tool's name, for the first turn only. Returns
-    the answer and the last turn's stats; ``messages`` gains the turns."""
-    from .local_tools import ToolFailed
-    from .structured import json_constraint
-    from .template4 import TOOL_CALL
-    from .tools import ToolRequest, gemma3_call_schema, gemma3_messages, read_calls
+    Returns the answer and the last turn's stats; ``messages`` gains the turns."""
+    from .local_tools import run_calls
 
-    prompts = PromptBuilder(backend)
-    gemma4 = prompts.format.name == "gemma4"
-    declared = [t.declaration() for t in tools]
-    by_name = {t.name: t for t in tools}
-    name = choice if choice not in ("auto", "required") else None
-    for round_ in range(MAX_TOOL_ROUNDS):
-        forced, options = "", {}
-        if gemma4:
-            ids = prompts.chat(messages, thinking=thinking, tools=declared)
-        else:
-            ids = prompts.chat(gemma3_messages(messages, declared))
-        if round_ == 0 and choice != "auto":
-            if gemma4:
-                forced = "call:" + (f"{name}{{" if name else "")
-                ids += prompts.tokens([TOOL_CALL, forced])
-                forced = str(TOOL_CALL) + forced
-            else:
-                options["constraint"] = json_constraint(
-                    backend, gemma3_call_schema(declared, name))
-        text, stats = generate(backend, ids, sampling, lambda _: None,
-                               thought_ids=prompts.thought_ids, **options)
-        full = forced + backend.detokenize(stats.token_ids, special=True) if gemma4 else text
-        request = ToolRequest(declared, "auto")
-        calls, rest = read_calls(full, request, gemma4)
-        if not calls:
-            messages.append({"role": "assistant", "content": text})
-            return text, stats
-        turn = {"role": "assistant", "content": rest, "tool_calls": []}
-        results = []
-        for call in calls:
-            function = call["function"]
-            args = json.loads(function["arguments"])
-            turn["tool_calls"].append({"id": call["id"], "type": "function",
-                                       "function": {"name": function["name"],
-                                                    "arguments": args}})
-            shown = f"{function['name']}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
-            tool = by_name[function["name"]]
-            if not confirm(shown, args):
-                result = "The user declined to run this tool."
-                note(f"not run: {shown}")
-            else:
-                try:
-                    result = tool.call(tool.check(args), timeout=timeout)
-                    note(f"ran {shown} -> {result[:200]}")
-                except ToolFailed as exc:
-                    result = f"error: {exc}"
-                    note(f"failed: {exc}")
-            results.append({"role": "tool", "tool_call_id": call["id"],
-                            "name": function["name"], "content": result})
-        messages += [turn, *results]
-    raise InvalidArgument(f"the model still called tools after {MAX_TOOL_ROUNDS} turns; "
-                          "stopped")
+    stats = None
+    turns = tool_turns(backend, PromptBuilder(backend), messages,
+                       [t.declaration() for t in tools], sampling, choice=choice,
+                       thinking=thinking,
+                       run_calls=lambda calls: run_calls(calls, tools, confirm, note, timeout))
+    for chunk in turns:
+        stats = chunk.stats or stats
+    return messages[-1]["content"], stats

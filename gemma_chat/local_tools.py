@@ -27,6 +27,7 @@ import subprocess
 import sys
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,39 @@ class LocalTool:
         if len(text) > MAX_RESULT_CHARS:
             text = text[:MAX_RESULT_CHARS] + f"... [cut: {len(text):,} characters in all]"
         return text
+
+
+def run_calls(calls: list[dict], tools: Sequence[LocalTool],
+              confirm: Callable[[str, dict], bool], note: Callable[[str], object],
+              timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
+    """Answer a model turn's ``calls`` (OpenAI ``tool_calls``): each is shown and, if
+    ``confirm`` says so, run; the ``tool`` messages that carry the results back. A call the
+    model got wrong (no such tool, bad arguments) or a tool that failed is answered with what
+    went wrong, so the model can try again or say so."""
+    by_name = {t.name: t for t in tools}
+    out = []
+    for call in calls:
+        name = call["function"]["name"]
+        args = json.loads(call["function"]["arguments"])
+        shown = f"{name}({', '.join(f'{k}={v!r}' for k, v in args.items())})" \
+            if isinstance(args, dict) else f"{name}({args!r})"
+        tool = by_name.get(name)
+        if tool is None:
+            result = f"error: there is no tool named {name}; the tools are {', '.join(by_name)}"
+            note(f"the model called {name}, which is not one of the tools")
+        elif not confirm(shown, args):
+            result = "The user declined to run this tool."
+            note(f"not run: {shown}")
+        else:
+            try:
+                result = tool.call(tool.check(args), timeout=timeout)
+                note(f"ran {shown} -> {result[:200]}")
+            except ToolFailed as exc:
+                result = f"error: {exc}"
+                note(f"failed: {exc}")
+        out.append({"role": "tool", "tool_call_id": call["id"], "name": name,
+                    "content": result})
+    return out
 
 
 def load_tools(path: str | Path) -> list[LocalTool]:

@@ -248,6 +248,23 @@ class PromptBuilder:
         """A conversation ending in a user turn, with the model's turn opened."""
         return self.tokens(self.format.parts(messages, thinking=thinking, **options))
 
+    def with_tools(self, messages: Iterable[Mapping[str, object]], tools: Sequence | None, *,
+                   thinking: bool = False, open_reply: bool = True) -> list[int]:
+        """A conversation with ``tools`` declared and any calls and results in it: Gemma 4
+        in its own format, Gemma 1-3 with Google's function-calling prompt
+        (:func:`gemma_chat.tools.gemma3_messages`)."""
+        from .tools import gemma3_messages
+
+        messages = list(messages)
+        if self.format.name == "gemma4":
+            parts = self.format.parts(messages, open_reply, thinking=thinking,
+                                      **({"tools": list(tools)} if tools else {}))
+        else:
+            if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+                messages = gemma3_messages(messages, tools or [])
+            parts = self.format.parts(messages, open_reply, thinking=thinking)
+        return self.tokens(parts)
+
     def raw(self, text: str) -> list[int]:
         """Text as it is (control-token text included), with the model's BOS unless it
         already starts with one: exactly one BOS either way."""

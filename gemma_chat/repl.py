@@ -212,6 +212,9 @@ class ChatApp:
         autosave: sessions.Autosave | None = None,
         editor: Callable[[str], str] | None = None,
         show_thinking: bool = True,
+        tools: list | None = None,
+        confirm: Callable[[str, dict], bool] | None = None,
+        tool_choice: str = "auto",
     ):
         self.backend = backend
         self.conversation = conversation
@@ -225,12 +228,38 @@ class ChatApp:
         self.created = sessions.now()
         self.replies = 0
         self.show_thinking = show_thinking
+        self.tools = tools or []  # gemma_chat.local_tools.LocalTool, offered to the model
+        self.confirm = confirm or (lambda _shown, _args: False)
+        self.tool_choice = tool_choice
+        self._view: ThoughtView | None = None
 
     # -- turns --
 
     def ask(self, text: str) -> None:
-        """Send one user message and stream the reply (Ctrl-C stops it)."""
-        self._stream(lambda: self.conversation.send(text, self.sampling))
+        """Send one user message and stream the reply (Ctrl-C stops it); with tools, the
+        model's calls are shown, confirmed and run on the way."""
+        if self.tools:
+            self._stream(lambda: self.conversation.send(
+                text, self.sampling, run_calls=self._run_calls, tool_choice=self.tool_choice))
+        else:
+            self._stream(lambda: self.conversation.send(text, self.sampling))
+
+    def _run_calls(self, calls: list[dict]) -> list[dict]:
+        """Between two model turns: the reply so far is closed, each call is shown and run
+        if confirmed, then the next turn renders afresh."""
+        from .local_tools import run_calls
+
+        self._end_reply()
+        results = run_calls(calls, self.tools, self.confirm, self.note)
+        self.renderer.start()
+        self._view = ThoughtView(self.renderer, self.show_thinking)
+        return results
+
+    def _end_reply(self) -> None:
+        if self._view is not None:
+            self._view.done()
+            self.renderer.end()
+            self._view = None
 
     def _stream(self, make_stream: Callable[[], Iterator]) -> None:
         try:
@@ -247,20 +276,21 @@ class ChatApp:
             n = self.conversation.dropped
             self.note(f"(dropped the {n} oldest exchange{'s' * (n > 1)} to fit the context)")
         self.renderer.start()
-        view = ThoughtView(self.renderer, self.show_thinking)
+        self._view = ThoughtView(self.renderer, self.show_thinking)
         try:
             for chunk in ([first] if first is not None else []):
-                view.show(chunk)
+                self._view.show(chunk)
             for chunk in stream:
-                view.show(chunk)
+                self._view.show(chunk)
         except KeyboardInterrupt:
             stream.close()  # records the partial reply, marked interrupted
-            view.done()
-            self.renderer.end()
+            self._end_reply()
             self.note("[interrupted]")
+        except GemmaChatError as exc:  # e.g. a model that keeps calling tools
+            self._end_reply()
+            self.note(f"error: {exc}")
         else:
-            view.done()
-            self.renderer.end()
+            self._end_reply()
             self.replies += 1
         stats = self.conversation.last_stats
         if stats is not None and stats.cache_note:
@@ -314,6 +344,21 @@ class ChatApp:
                      "(Alt-Enter also inserts a newline)")
         lines.append("  Ctrl-C stops a reply and keeps what was written; "
                      "Ctrl-X Ctrl-E edits the message in $EDITOR")
+        self.note("\n".join(lines))
+
+    def cmd_tools(self, arg: str) -> None:
+        if not self.tools:
+            self.note("no tools (gemma chat --tools FILE.py offers a file's functions)")
+            return
+        lines = []
+        for tool in self.tools:
+            properties = tool.parameters.get("properties", {})
+            required = set(tool.parameters.get("required", []))
+            args = ", ".join(
+                f"{k}: " + ("|".join(map(str, v["enum"])) if "enum" in v else v.get("type", "any"))
+                + ("" if k in required else "?") for k, v in properties.items())
+            lines.append(f"  {tool.name}({args})  {tool.description}".rstrip())
+        lines.append("  (a call runs your code on this machine)")
         self.note("\n".join(lines))
 
     def cmd_clear(self, arg: str) -> None:
@@ -512,6 +557,7 @@ COMMANDS: dict[str, Command] = {
     "/stats": Command(ChatApp.cmd_stats, "/stats", "tokens in context, last turn's speed"),
     "/model": Command(ChatApp.cmd_model, "/model [NAME]", "switch model, keeping the chat"),
     "/info": Command(ChatApp.cmd_info, "/info", "model, backend, context, prompt format"),
+    "/tools": Command(ChatApp.cmd_tools, "/tools", "the tools the model may call (--tools)"),
     "/edit": Command(ChatApp.cmd_edit, "/edit", "compose the next message in $EDITOR"),
 }
 

@@ -123,9 +123,14 @@ def _exchanges_from(records: object, where: Path) -> list[Exchange]:
                                               for i in ids)):
             ids = []
         thoughts = rec.get("thoughts", "")
+        calls = rec.get("calls") or []
+        if not (isinstance(calls, list) and all(isinstance(c, dict) and
+                                                c.get("role") in ("assistant", "tool")
+                                                for c in calls)):
+            raise InvalidArgument(f"{where} is not a gemma-chat conversation (bad tool calls)")
         out.append(Exchange(rec["user"], rec.get("reply", ""), list(ids),
                             bool(rec.get("interrupted", False)),
-                            thoughts if isinstance(thoughts, str) else ""))
+                            thoughts if isinstance(thoughts, str) else "", calls))
     return out
 
 

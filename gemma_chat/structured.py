@@ -68,19 +68,70 @@ def parse_schema(text: str) -> dict:
 
 
 class JsonConstraint:
-    """A compiled schema for one backend's vocabulary."""
+    """A compiled grammar (a JSON schema's, or a Lark one) for one backend's vocabulary."""
 
-    def __init__(self, tokenizer, grammar: str, n_vocab: int, schema: Mapping):
+    def __init__(self, tokenizer, grammar: str, n_vocab: int, schema: Mapping | None = None):
         self._tokenizer = tokenizer
         self._grammar = grammar
         self.n_vocab = n_vocab
-        self.schema = dict(schema)
+        self.schema = dict(schema) if schema is not None else None
 
     def matcher(self) -> Matcher:
         """The state of one generation under this constraint."""
         llguidance = _llguidance()
         return Matcher(llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0),
                        self.n_vocab)
+
+
+class TriggeredConstraint:
+    """A grammar that applies only from a trigger token on, as often as the trigger comes:
+    text is free until the model writes ``trigger``, then the grammar holds until it is
+    complete, then text is free again (a tool call in the middle of a reply). With ``start``
+    (token ids) generation begins inside the grammar, those tokens already taken."""
+
+    def __init__(self, inner: JsonConstraint, trigger: int, start: list[int] | None = None):
+        self.inner, self.trigger, self.start = inner, trigger, start
+        self.n_vocab = inner.n_vocab
+
+    def matcher(self) -> TriggeredMatcher:
+        return TriggeredMatcher(self)
+
+
+class TriggeredMatcher:
+    """One generation's place under a :class:`TriggeredConstraint`."""
+
+    def __init__(self, constraint: TriggeredConstraint):
+        self._c = constraint
+        self._inner: Matcher | None = None
+        self.n_vocab = constraint.n_vocab
+        if constraint.start is not None:
+            self._begin(constraint.start)
+
+    def _begin(self, ids: list[int]) -> None:
+        self._inner = self._c.inner.matcher()
+        for token in ids:
+            self._inner.accept(token)
+
+    def allowed(self) -> np.ndarray | None:
+        """The tokens allowed next; None while text is free."""
+        return self._inner.allowed() if self._inner is not None else None
+
+    def mask(self, logits: np.ndarray) -> None:
+        if self._inner is not None:
+            self._inner.mask(logits)
+
+    def accept(self, token: int) -> None:
+        if self._inner is None:
+            if token == self._c.trigger:
+                self._begin([])
+            return
+        self._inner.accept(token)
+        if self._inner.done:
+            self._inner = None
+
+    @property
+    def done(self) -> bool:
+        return False
 
 
 class Matcher:
@@ -128,6 +179,20 @@ def json_constraint(backend, schema: Mapping | None = None) -> JsonConstraint:
     if is_error:
         raise InvalidArgument(f"unsupported JSON schema: {_first_line(messages[0])}")
     return JsonConstraint(tokenizer, grammar, backend.info.n_vocab, schema)
+
+
+def lark_constraint(backend, grammar: str) -> JsonConstraint:
+    """Compile a Lark grammar (llguidance's dialect: ``<[ID]>`` is the token ID) for
+    ``backend``'s vocabulary; an error in it is a bug here, raised as such."""
+    llguidance = _llguidance()
+    if not hasattr(backend, "grammar_tokenizer"):
+        raise InvalidArgument(f"the {backend.info.backend} backend has no constrained decoding")
+    tokenizer = backend.grammar_tokenizer()
+    compiled = llguidance.grammar_from("lark", grammar)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled, tokenizer)
+    if is_error:
+        raise ValueError(f"invalid grammar: {messages[0]}")
+    return JsonConstraint(tokenizer, compiled, backend.info.n_vocab)
 
 
 def closed_objects(schema):

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
@@ -47,9 +47,11 @@ class ToolRequest:
         return self.choice != "none"
 
 
-def read_calls(text: str, tools: ToolRequest, gemma4: bool) -> tuple[list[dict], str]:
+def read_calls(text: str, tools: ToolRequest, gemma4: bool,
+               known_only: bool = True) -> tuple[list[dict], str]:
     """The calls of a reply as OpenAI ``tool_calls`` (each with a fresh id), and the rest of its
-    text. A call to a function not in ``tools``, or one that does not parse, stays text."""
+    text. A call that does not parse stays text, and so does a call to a function not in
+    ``tools`` unless ``known_only`` is false (then the caller answers it)."""
     from .template4 import strip_thinking
 
     if gemma4:
@@ -58,10 +60,10 @@ def read_calls(text: str, tools: ToolRequest, gemma4: bool) -> tuple[list[dict],
         except ToolCallSyntaxError:
             return [], text
     else:
-        call = parse_gemma3_call(text, tools.tools)
+        call = parse_gemma3_call(text, None if not known_only else tools.tools)
         calls, rest = ([call], "") if call is not None else ([], text)
     known = {t["function"]["name"] for t in tools.tools}
-    if any(c["name"] not in known for c in calls):
+    if known_only and any(c["name"] not in known for c in calls):
         return [], text
     if not tools.parallel:
         calls = calls[:1]
@@ -69,6 +71,49 @@ def read_calls(text: str, tools: ToolRequest, gemma4: bool) -> tuple[list[dict],
              "function": {"name": c["name"],
                           "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for c in calls], rest
+
+
+@dataclass
+class CallPlan:
+    """How a generation that may call tools starts and what constrains it."""
+
+    prefix: list = field(default_factory=list)  # Parts the reply starts with (in the prompt)
+    constraint: object = None  # gemma_chat.structured's constraint, or None
+
+    @property
+    def forced(self) -> str:
+        """The prefix as text: what to put before the generated text to read it back."""
+        return "".join(str(part) for part in self.prefix)
+
+
+def plan_calls(backend, prompts, request: ToolRequest,
+               compile: Callable[[str, Callable[[], object]], object] | None = None) -> CallPlan:
+    """Set up a reply to a request with tools. Gemma 4: whenever the model opens a call
+    (``<|tool_call>``), its name and arguments are constrained to the declared tools'
+    (:func:`gemma4_call_grammar`); a required call is opened in the prompt. Gemma 1-3: a
+    required call is one JSON object constrained to :func:`gemma3_call_schema`; otherwise
+    the model is free. ``compile(key, build)`` may cache compiled grammars by ``key``."""
+    from .structured import TriggeredConstraint, json_constraint, lark_constraint
+    from .template4 import END_TOOL_CALL, QUOTE, TOOL_CALL
+
+    compile = compile or (lambda _key, build: build())
+    required = request.choice == "required"
+    if prompts.format.name == "gemma4":
+        [trigger], [quote], [end] = (prompts.tokens([m]) for m in (TOOL_CALL, QUOTE,
+                                                                  END_TOOL_CALL))
+        name = request.name if required else None
+        grammar = gemma4_call_grammar(request.tools, name, quote, end)
+        inner = compile(grammar, lambda: lark_constraint(backend, grammar))
+        if not required:
+            return CallPlan([], TriggeredConstraint(inner, trigger))
+        opening = "call:" + (f"{name}{{" if name else "")
+        return CallPlan([TOOL_CALL, opening],
+                        TriggeredConstraint(inner, trigger, prompts.tokens([opening])))
+    if required:
+        schema = gemma3_call_schema(request.tools, request.name)
+        return CallPlan([], compile(json.dumps(schema, sort_keys=True),
+                                    lambda: json_constraint(backend, schema)))
+    return CallPlan()
 
 
 class ToolCallSyntaxError(ValueError):
@@ -154,9 +199,10 @@ def _arguments(function: Mapping) -> Any:
     return args if args is not None else {}
 
 
-def parse_gemma3_call(text: str, tools: Sequence[Mapping]) -> dict[str, Any] | None:
-    """The call in a Gemma 1-3 reply (a JSON object naming one of ``tools``, perhaps in a code
-    fence), as ``{"name", "arguments"}``; None when the reply is not a call."""
+def parse_gemma3_call(text: str, tools: Sequence[Mapping] | None) -> dict[str, Any] | None:
+    """The call in a Gemma 1-3 reply (a JSON object naming one of ``tools``, or any function
+    when ``tools`` is None, perhaps in a code fence), as ``{"name", "arguments"}``; None when
+    the reply is not a call."""
     body = text.strip()
     fence = re.fullmatch(r"```[\w-]*\s*(.*?)\s*```", body, re.S)
     if fence:
@@ -165,8 +211,8 @@ def parse_gemma3_call(text: str, tools: Sequence[Mapping]) -> dict[str, Any] | N
         value = json.loads(body)
     except ValueError:
         return None
-    names = {f["name"] for f in functions(tools)}
-    if not (isinstance(value, dict) and value.get("name") in names):
+    if not (isinstance(value, dict) and isinstance(value.get("name"), str)) or \
+            tools is not None and value["name"] not in {f["name"] for f in functions(tools)}:
         return None
     args = value.get("parameters", value.get("arguments", {}))
     return {"name": value["name"], "arguments": args if isinstance(args, dict) else {}}
@@ -174,13 +220,17 @@ def parse_gemma3_call(text: str, tools: Sequence[Mapping]) -> dict[str, Any] | N
 
 def parse_gemma4_calls(text: str) -> tuple[list[dict[str, Any]], str]:
     """The tool calls in ``text`` (name and arguments, in order) and the text around them.
-    A call that does not parse raises :class:`ToolCallSyntaxError` naming where."""
+    A call that does not parse raises :class:`ToolCallSyntaxError` naming where; a last call
+    cut off before its closing mark, after complete ones, is left out."""
     calls: list[dict[str, Any]] = []
     rest: list[str] = []
     pos = 0
     while (start := text.find(CALL_OPEN, pos)) >= 0:
         rest.append(text[pos:start])
         end = text.find(CALL_CLOSE, start)
+        if end < 0 and calls:  # a further call cut off by the length limit: the calls before
+            pos = len(text)    # it stand
+            break
         body = text[start + len(CALL_OPEN):end if end >= 0 else len(text)]
         calls.append(parse_call(body))
         pos = end + len(CALL_CLOSE) if end >= 0 else len(text)
@@ -290,3 +340,152 @@ class _Reader:
                 return out
             if not self.take(","):
                 raise self.fail("expected ',' or ']'")
+
+
+# -- Gemma 4: calls constrained to the declared parameters ------------------------------------
+
+def gemma4_call_grammar(tools: Sequence[Mapping], name: str | None, quote: int,
+                        end: int) -> str:
+    """A grammar (llguidance's Lark dialect) for what follows ``<|tool_call>``: ``call:NAME{
+    ...}<tool_call|>`` naming one of ``tools`` (or ``name``), its arguments following that
+    tool's parameter schema in the syntax the template prints calls in: keys bare and in the
+    template's order (sorted), strings between ``quote`` tokens, then the ``end`` token.
+    Enforced: types, ``properties``/``required`` (no other keys), ``items``, ``enum``,
+    ``const``, ``anyOf``/``oneOf``, ``nullable``, string lengths; other keywords (ranges,
+    patterns, array lengths) are not."""
+    grammar = _CallGrammar(quote)
+    calls = []
+    for function in functions(tools):
+        if name is not None and function["name"] != name:
+            continue
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        args = grammar.value(parameters if parameters.get("properties") is not None
+                             or parameters.get("type") != "object" else
+                             {"type": "object", "properties": {}})
+        calls.append(grammar.rule(f"{_literal(function['name'])} {args}"))
+    if not calls:
+        raise ValueError(f"no tool is called {name!r}")
+    grammar.rules.insert(0, f'start: "call:" ({" | ".join(calls)}) <[{end}]>')
+    return "\n".join(grammar.rules) + "\n"
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+class _CallGrammar:
+    """Lark rules for values in Gemma 4's call syntax, one rule per schema node."""
+
+    def __init__(self, quote: int):
+        self.q = f"<[{quote}]>"
+        self.rules = [
+            'any_value: any_string | NUMBER | "true" | "false" | null | any_array | any_object',
+            'null: "null" | "None"',  # the template prints Python's None
+            f"any_string: {self.q} TEXT? {self.q}",
+            'any_array: "[" (any_value ("," any_value)*)? "]"',
+            'any_object: "{" (KEY ":" any_value ("," KEY ":" any_value)*)? "}"',
+            "KEY: /[A-Za-z_][A-Za-z0-9_]*/",
+            "TEXT: /(.|\\n)+/",
+            # Numbers a tool can take (64-bit floats keep 17 digits): a model that never
+            # stops writing digits is stopped by the grammar, not by the length limit.
+            "INTEGER: /-?(0|[1-9][0-9]{0,17})/",
+            "NUMBER: /-?(0|[1-9][0-9]{0,17})(\\.[0-9]{1,17})?([eE][+-]?[0-9]{1,3})?/",
+        ]
+        self.strings: dict[tuple[int, int | None], str] = {}
+
+    def rule(self, body: str) -> str:
+        name = f"r{len(self.rules)}"
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    def constant(self, value: Any) -> str:
+        if isinstance(value, str):
+            return f"{self.q} {_literal(value)} {self.q}" if value else f"{self.q} {self.q}"
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return '"true"' if value else '"false"'
+        if isinstance(value, (int, float)):
+            return _literal(json.dumps(value))
+        return "any_value"  # a constant list or object: its shape is checked on reading
+
+    def value(self, schema: Any) -> str:
+        if not isinstance(schema, Mapping):
+            return "any_value"
+        if "const" in schema:
+            return self.constant(schema["const"])
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return self.rule(" | ".join(self.constant(v) for v in schema["enum"]))
+        for key in ("anyOf", "oneOf"):
+            if isinstance(schema.get(key), list) and schema[key]:
+                return self.rule(" | ".join(self.value(s) for s in schema[key]))
+        kinds = schema.get("type")
+        kinds = kinds if isinstance(kinds, list) else [kinds] if kinds else []
+        if not kinds:
+            return "any_value"
+        options = [self.typed(kind, schema) for kind in kinds]
+        if schema.get("nullable") is True and "null" not in kinds:
+            options.append("null")
+        return options[0] if len(options) == 1 else self.rule(" | ".join(options))
+
+    def typed(self, kind: str, schema: Mapping) -> str:
+        if kind == "string":
+            return self.string(schema.get("minLength"), schema.get("maxLength"))
+        if kind == "integer":
+            return "INTEGER"
+        if kind == "number":
+            return "NUMBER"
+        if kind == "boolean":
+            return self.rule('"true" | "false"')
+        if kind == "null":
+            return "null"
+        if kind == "array":
+            item = self.value(schema.get("items"))
+            return self.rule(f'"[" ({item} ("," {item})*)? "]"')
+        if kind == "object":
+            properties = schema.get("properties")
+            if not isinstance(properties, Mapping):
+                return "any_object"
+            required = set(schema.get("required") or ())
+            keys = sorted(properties, key=str.lower)  # the template's dictsort
+            return self.rule(f'"{{" {self.members(keys, properties, required)} "}}"')
+        return "any_value"
+
+    def string(self, least: object, most: object) -> str:
+        """A string between quote tokens, its length bounded where the schema says."""
+        least = least if isinstance(least, int) and least > 0 else 0
+        most = most if isinstance(most, int) and most >= least else None
+        if (least, most) == (0, None):
+            return "any_string"
+        if most == 0:
+            return f"{self.q} {self.q}"
+        if (least, most) not in self.strings:
+            name = f"TEXT{len(self.strings)}"
+            bounds = f"{max(least, 1)},{'' if most is None else most}"
+            self.rules.append(f"{name}: /(.|\\n){{{bounds}}}/")
+            self.strings[(least, most)] = self.rule(
+                f"{self.q} {name} {self.q}" if least else f"{self.q} {name}? {self.q}")
+        return self.strings[(least, most)]
+
+    def members(self, keys: list[str], properties: Mapping, required: set) -> str:
+        """``key:value`` pairs in ``keys``' order, comma-separated, each optional unless
+        required: one rule per (position, whether a pair came before)."""
+        made: dict[tuple[int, bool], str] = {}
+        values = [self.value(properties[key]) for key in keys]
+
+        def rest(i: int, after: bool) -> str:
+            if i == len(keys):
+                return ""
+            if (i, after) not in made:
+                key = keys[i]
+                pair = (('"," ' if after else "") + _literal(f"{key}:") + " "
+                        + values[i] + " " + rest(i + 1, True)).strip()
+                if key in required:
+                    body = pair
+                else:
+                    skip = rest(i + 1, after)
+                    body = f"({pair}) | {skip}" if skip else f"({pair})?"
+                made[(i, after)] = self.rule(body)
+            return made[(i, after)]
+
+        return rest(0, False)

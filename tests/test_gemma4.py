@@ -339,3 +339,58 @@ def test_memory_estimate_is_what_mlx_allocates(dense, monkeypatch):
     from conftest import assert_mlx_cache_is_estimated
 
     assert_mlx_cache_is_estimated(dense.mlx, monkeypatch)
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "mlx"])
+def test_openai_client_gets_valid_tool_calls_from_gemma4(dense, engine):
+    """The tiny Gemma 4 was never taught to call tools: its calls parse and fit the declared
+    parameters because the call grammar holds them there (required, then a named tool); the
+    tool's result goes back in Gemma 4's own turns and the model answers."""
+    import openai
+    from conftest import serving
+    from test_tool_grammar import BOOK, SCHEMAS
+
+    from gemma_chat.server import create_app
+
+    jsonschema = pytest.importorskip("jsonschema")
+    path = dense.gguf if engine == "llama.cpp" else dense.mlx
+    backend = load_backend(resolve(str(path)), engine, LoadOptions(n_ctx=1024))
+    # Strings bounded: a model that was never taught to close a string would not, but a
+    # call still has to parse within the length limit.
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"]}}}
+    schemas = {**SCHEMAS, "get_weather": weather["function"]["parameters"]}
+    tools = [weather, BOOK]
+    try:
+        with serving(create_app(backend, ["tiny-gemma4"])) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                                   timeout=300)
+            messages = [{"role": "user", "content": "Book a table for two at 18:00, and "
+                                                    "what is the weather in Oslo?"}]
+            for seed, choice in enumerate(["required", "required",
+                                           {"type": "function", "function": {"name": "book"}}]):
+                reply = client.chat.completions.create(
+                    model="tiny-gemma4", messages=messages, tools=tools, tool_choice=choice,
+                    seed=seed, max_tokens=120)
+                message = reply.choices[0].message
+                assert reply.choices[0].finish_reason == "tool_calls", message
+                for call in message.tool_calls:
+                    jsonschema.validate(json.loads(call.function.arguments),
+                                        schemas[call.function.name])
+            assert call.function.name == "book"  # the named choice
+            messages += [message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id,
+                          "content": json.dumps({"booked": True, "table": 7})}]
+            final = client.chat.completions.create(model="tiny-gemma4", messages=messages,
+                                                   tools=tools, max_tokens=40, temperature=0)
+            assert final.usage.prompt_tokens > reply.usage.prompt_tokens + 10
+            answer = final.choices[0].message
+            assert answer.content or answer.tool_calls
+            for call in answer.tool_calls or []:  # auto: the model may call again, validly
+                jsonschema.validate(json.loads(call.function.arguments),
+                                    schemas[call.function.name])
+    finally:
+        backend.close()

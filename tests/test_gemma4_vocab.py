@@ -25,7 +25,25 @@ class Vocabulary:
 
         self.llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         self.info = SimpleNamespace(architecture="gemma4", bos_id=self.llm.token_bos(),
-                                    chat_template="")
+                                    chat_template="", n_vocab=self.llm.n_vocab(),
+                                    backend="llama.cpp")
+
+    def grammar_tokenizer(self):
+        """The vocabulary for llguidance, as the llama.cpp backend makes it (once)."""
+        if getattr(self, "_grammar", None) is None:
+            self._grammar = self._make_grammar_tokenizer()
+        return self._grammar
+
+    def _make_grammar_tokenizer(self):
+        import warnings
+
+        import llama_cpp
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return lltokenizer_from_vocab(llama_cpp.llama_model_get_vocab(self.llm.model),
+                                          eos_token=[1, 106])
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=False, special=special) if text else []

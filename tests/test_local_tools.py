@@ -4,6 +4,7 @@ model calling one through a pseudo-terminal, with and without the user's consent
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -58,6 +59,29 @@ def test_calls_run_in_a_child_process(tools):
     assert len(text) < MAX_RESULT_CHARS + 100 and text.endswith("[cut: 100,000 characters in all]")
 
 
+def test_each_call_is_answered_whatever_goes_wrong(tools):
+    from gemma_chat.local_tools import run_calls
+
+    def call(name, **args):
+        return {"id": f"call_{name}", "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args)}}
+
+    notes = []
+    calls = [call("get_weather", city="Oslo"), call("launch"), call("add", a=1),
+             call("broken"), call("get_weather", city="Rome")]
+    results = run_calls(calls, list(tools.values()),
+                        confirm=lambda shown, _args: "Rome" not in shown, note=notes.append)
+    assert [r["tool_call_id"] for r in results] == [c["id"] for c in calls]
+    assert json.loads(results[0]["content"])["city"] == "Oslo"
+    assert results[1]["content"].startswith("error: there is no tool named launch; the tools "
+                                            "are get_weather, add")
+    assert results[2]["content"] == "error: add: missing argument(s) b"
+    assert results[3]["content"] == "error: broken raised RuntimeError: the sensor is offline"
+    assert results[4]["content"] == "The user declined to run this tool."
+    assert notes[1] == "the model called launch, which is not one of the tools"
+    assert notes[4] == "not run: get_weather(city='Rome')"
+
+
 def test_bad_tools_files(tmp_path):
     for source, words in (("def f(:\n", "line 1"), ("import nowhere_at_all\n",
                           "failed to import: ModuleNotFoundError"), ("x = 1\n", "no public "
@@ -99,3 +123,83 @@ def test_gemma_run_tools_needs_consent_without_a_terminal(gguf_path):
         "failed:" in ran.stderr
     bad = run_gemma("run", "--tools", str(EXAMPLE), "--tool-choice", "nope", "--yes", "x")
     assert bad.returncode == 2 and "--tool-choice must be" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_chat_keeps_its_tool_calls(backend, tmp_path):
+    """The real 270M in a Conversation with tools: a required call is run (here by a stub),
+    the exchange keeps the call and its result, the next prompt carries the result in Google's
+    ```tool_output``` turn, and a saved conversation loads back with them."""
+    from gemma_chat import sessions
+    from gemma_chat.backends.base import SamplingParams
+    from gemma_chat.chat import Conversation
+
+    tools = load_tools(EXAMPLE)
+    convo = Conversation(backend, tools=[t.declaration() for t in tools])
+    seen = []
+
+    def run_calls(calls):
+        seen.extend(calls)
+        return [{"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"],
+                 "content": '{"temperature": 12}'} for c in calls]
+
+    chunks = list(convo.send("What is the weather in Oslo?", SamplingParams(seed=3,
+                                                                            max_tokens=24),
+                             run_calls=run_calls, tool_choice="get_weather"))
+    assert chunks[-1].stats is not None
+    [exchange] = convo.exchanges
+    assert [c["function"]["name"] for c in seen] == ["get_weather"]
+    assert [m["role"] for m in exchange.calls] == ["assistant", "tool"]
+    assert exchange.calls[0]["tool_calls"][0]["function"]["arguments"]["city"]
+    # The reply is the last turn's (the call's turn is not): its ids are that turn's.
+    assert not exchange.interrupted and exchange.reply_ids == list(chunks[-1].stats.token_ids)
+    prompt = backend.detokenize(convo.ids_for(convo.exchanges, "Thanks!"), special=True)
+    assert '```tool_output\n{"temperature": 12}\n```' in prompt
+    assert prompt.count("<bos>") == 1 and prompt.endswith("<start_of_turn>model\n")
+    path = tmp_path / "chat.json"
+    sessions.save(convo, path, {}, sessions.now())
+    loaded = sessions.load(path)
+    assert loaded.exchanges[0].calls == exchange.calls
+
+
+@pytest.mark.slow
+def test_gemma_chat_asks_before_each_call_and_lists_tools(gguf_path, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "TERM": "xterm-256color", "GEMMA_HOME": str(tmp_path / "home")}
+    child = pexpect.spawn(str(GEMMA), ["chat", "--tools", str(EXAMPLE), "--tool-choice",
+                                       "get_weather", "--seed", "1", "-n", "40"],
+                          env=env, encoding="utf-8", dimensions=(24, 200), timeout=120)
+
+    def at_prompt():
+        child.expect(re.escape("\x1b[6n"))  # prompt-toolkit asks where the cursor is
+        child.send("\x1b[10;1R")
+        child.expect(">>>")
+
+    try:
+        child.expect(r"tools: get_weather, add, sleepy, broken, crash, huge")
+        at_prompt()
+        child.sendline("What is the weather in Oslo?")
+        child.expect(r"tool call get_weather\(city='[^']*'.*\): this runs your code\. Run it\? "
+                     r"\[y/N\]")
+        child.sendline("y")
+        child.expect(r"ran get_weather\(city='[^']*'.*\) -> \{\"city\"")
+        at_prompt()
+        child.sendline("/tools")
+        child.expect(r"get_weather\(city: string, unit: celsius\|fahrenheit\?\)")
+        at_prompt()
+        child.sendline("And in Rome?")
+        child.expect(r"Run it\? \[y/N\]")
+        child.sendline("n")
+        child.expect("not run: get_weather")
+        at_prompt()
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    [saved] = (tmp_path / "home" / "conversations").glob("*.jsonl")
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
+    results = [m["content"] for r in records if r["type"] == "exchange"
+               for m in r.get("calls", []) if m["role"] == "tool"]
+    assert json.loads(results[0])["temperature"] == 12
+    assert results[1] == "The user declined to run this tool."

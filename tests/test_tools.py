@@ -41,6 +41,22 @@ def test_text_around_calls_and_bad_calls():
                 "<|tool_call>call:f{a:1<tool_call|>", "<|tool_call>call:f{a:1} extra<tool_call|>"):
         with pytest.raises(ToolCallSyntaxError):
             parse_gemma4_calls(bad)
+    # A reply cut off by the length limit inside a second call keeps the first.
+    cut = '<|tool_call>call:f{a:1}<tool_call|><|tool_call>call:g{b:<|"|>unfini'
+    assert parse_gemma4_calls(cut) == ([{"name": "f", "arguments": {"a": 1}}], "")
+    with pytest.raises(ToolCallSyntaxError):
+        parse_gemma4_calls("<|tool_call>call:g{b:1")
+
+
+def test_calls_to_unknown_tools_stay_text_unless_the_caller_answers_them():
+    from gemma_chat.tools import ToolRequest, read_calls
+
+    request = ToolRequest([WEATHER], "auto")
+    for text, gemma4 in (('<|tool_call>call:launch{x:1}<tool_call|>', True),
+                         ('{"name": "launch", "parameters": {"x": 1}}', False)):
+        assert read_calls(text, request, gemma4) == ([], text)
+        [call], _ = read_calls(text, request, gemma4, known_only=False)
+        assert call["function"] == {"name": "launch", "arguments": '{"x": 1}'}
 
 
 # -- the OpenAI API's tool fields, without a model ----------------------------------------------

@@ -201,6 +201,7 @@ class MLXBackend(BackendBase):
             # 0.008 in f32, and 7x faster). The packed weights stay as they are; only scales,
             # biases and norms become float32. GPUs keep the model's own dtype.
             self._model.set_dtype(mx.float32)
+        materialize(self._model)
         self._n_ctx = n_ctx
         self._cache = make_prompt_cache(self._model)
         self._cached: list[int] = []
@@ -370,6 +371,32 @@ class MLXBackend(BackendBase):
         return StreamingText(self._tok.detokenizer)
 
 
+def materialize(model) -> None:
+    """Compute every array of ``model`` now, in this thread, the private ones too (Gemma 4's
+    proportional RoPE keeps its frequencies lazy): MLX streams belong to a thread, and an
+    array left lazy here cannot be computed in a server's generation thread later."""
+    arrays: list = []
+    seen: set[int] = set()
+
+    def walk(obj) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        values = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+        if isinstance(obj, dict):
+            values += list(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            values += list(obj)
+        for value in values:
+            if isinstance(value, mx.array):
+                arrays.append(value)
+            elif hasattr(value, "__dict__") or isinstance(value, (dict, list, tuple)):
+                walk(value)
+
+    walk(model)
+    mx.eval(arrays)
+
+
 class StreamingText:
     """mlx-lm's streaming detokenizer with the push/flush interface of llama.cpp's."""
 
@@ -435,8 +462,10 @@ def grammar_processor(matcher):
         if started:
             matcher.accept(int(tokens[-1]))
         started = True
-        allowed = mx.array(matcher.allowed()[:logits.shape[-1]])
-        return mx.where(allowed, logits, -mx.inf)
+        allowed = matcher.allowed()
+        if allowed is None:  # a triggered grammar, not triggered yet: free text
+            return logits
+        return mx.where(mx.array(allowed[:logits.shape[-1]]), logits, -mx.inf)
 
     return processor
 

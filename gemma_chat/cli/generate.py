@@ -35,6 +35,13 @@ from .common import (
     stderr,
 )
 
+ToolsOpt = Annotated[Path | None, typer.Option(
+    "--tools", help="Offer the documented functions of this Python file as tools; each call "
+                    "runs your code after you confirm it (--yes: without asking).")]
+ToolChoiceOpt = Annotated[str, typer.Option(
+    "--tool-choice", help="auto (the model decides), required (it must call one), or a tool's "
+                          "name; for the first turn of each answer.")]
+
 
 @app.command()
 def run(
@@ -67,13 +74,8 @@ def run(
     json_schema: Annotated[str | None, typer.Option(
         "--json-schema", help="Constrain the reply to this JSON schema (its text or a "
                               "file).")] = None,
-    tools_file: Annotated[Path | None, typer.Option(
-        "--tools", help="Offer the documented functions of this Python file as tools; each "
-                        "call runs your code after you confirm it (--yes: without asking).")]
-        = None,
-    tool_choice: Annotated[str, typer.Option(
-        "--tool-choice", help="auto (the model decides), required (it must call one), or a "
-                              "tool's name; for its first turn.")] = "auto",
+    tools_file: ToolsOpt = None,
+    tool_choice: ToolChoiceOpt = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
                                           "to stderr.")] = False,
     yes: YesOpt = False,
@@ -87,19 +89,9 @@ def run(
     text = gen.compose(prompt, stdin_text)
     overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     schema = wanted_schema(format_, json_schema)
-    tools = None
-    if tools_file is not None:
-        from ..local_tools import load_tools
-
-        if schema is not None:
-            raise click.UsageError("--tools and --format/--json-schema exclude each other")
-        tools = load_tools(tools_file)
-        if tool_choice not in ("auto", "required", *(t.name for t in tools)):
-            raise click.UsageError(f"--tool-choice must be auto, required or one of: "
-                                   f"{', '.join(t.name for t in tools)}")
-        if not yes and not sys.stdin.isatty():
-            raise click.UsageError("a tool call runs your code: without a terminal to confirm "
-                                   "each one, say --yes to run them all")
+    if tools_file is not None and schema is not None:
+        raise click.UsageError("--tools and --format/--json-schema exclude each other")
+    tools = offered_tools(tools_file, tool_choice, yes)
     with load(model, backend, ctx, threads, spinner=False, yes=yes) as opened:
         use_chat = chat or (opened.resolved.instruction_tuned and not raw)
         prompts = gen.PromptBuilder(opened.backend)
@@ -152,19 +144,36 @@ def tools_answer(backend, text: str, system: str | None, tools, sampling, choice
     and run after a keypress (or at once with ``--yes``)."""
     from .. import generate as gen
 
-    def confirm(shown: str, _args: dict) -> bool:
-        if yes:
-            return True
-        sys.stderr.write(f"tool call {shown}: this runs your code. Run it? [y/N] ")
-        sys.stderr.flush()
-        answer = sys.stdin.readline().strip().lower()
-        return answer in ("y", "yes")
-
     messages = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": text}]
     return gen.answer_with_tools(backend, messages, tools, sampling, choice=choice,
-                                 thinking=thinking, confirm=confirm,
-                                 note=dim)
+                                 thinking=thinking, note=dim,
+                                 confirm=(lambda _shown, _args: True) if yes else ask_to_run)
+
+
+def offered_tools(path: Path | None, choice: str, yes: bool):
+    """The tools of ``--tools FILE`` (None without it), the ``--tool-choice`` checked; without
+    a terminal to confirm calls on, only with ``--yes``."""
+    if path is None:
+        return None
+    from ..local_tools import load_tools
+
+    tools = load_tools(path)
+    if choice not in ("auto", "required", *(t.name for t in tools)):
+        raise click.UsageError(f"--tool-choice must be auto, required or one of: "
+                               f"{', '.join(t.name for t in tools)}")
+    if not yes and not sys.stdin.isatty():
+        raise click.UsageError("a tool call runs your code: without a terminal to confirm "
+                               "each one, say --yes to run them all")
+    return tools
+
+
+def ask_to_run(shown: str, _args: dict) -> bool:
+    """Ask on the terminal before a tool call runs (the user's own code)."""
+    sys.stderr.write(f"tool call {shown}: this runs your code. Run it? [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
 
 
 def wanted_schema(format_: str | None, json_schema: str | None) -> dict | None:
@@ -207,6 +216,8 @@ def chat(
                                         "exit.")] = False,
     no_autosave: Annotated[bool, typer.Option("--no-autosave", help="Do not append turns to "
                                               "the conversation history.")] = False,
+    tools_file: ToolsOpt = None,
+    tool_choice: ToolChoiceOpt = "auto",
     yes: YesOpt = False,
 ) -> None:
     """Chat with a model: replies stream as they are generated."""
@@ -220,6 +231,7 @@ def chat(
         return
     overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     err = stderr()
+    tools = offered_tools(tools_file, tool_choice, yes)
     saved = None
     if resume is not None:
         saved = sessions.load_latest() if resume == "last" else _load_named(resume)
@@ -250,7 +262,8 @@ def chat(
         interactive = sys.stdin.isatty()
         rich_out = not plain and sys.stdout.isatty()
         renderer = repl.MarkdownRenderer() if rich_out else repl.PlainRenderer()
-        convo = Conversation(opened.backend, system=system)
+        convo = Conversation(opened.backend, system=system,
+                             tools=[t.declaration() for t in tools] if tools else None)
         thinking = gen.thinking_mode(convo.prompts, think, chat=True)
         convo.thinking = thinking
         if convo.prompts.can_think:
@@ -260,7 +273,12 @@ def chat(
             renderer=renderer,
             note=lambda s: err.print(s, markup=False, style="dim"), load_model=load_model,
             autosave=None if no_autosave else sessions.Autosave(),
-            show_thinking=not hide_thinking)
+            show_thinking=not hide_thinking, tools=tools, tool_choice=tool_choice,
+            confirm=(lambda _shown, _args: True) if yes else ask_to_run)
+        if tools:
+            dim(f"tools: {', '.join(t.name for t in tools)} (/tools lists them; "
+                + ("calls run without asking" if yes else "each call asks before it runs")
+                + ")")
         if saved is not None:
             if system is not None:
                 saved.system = system

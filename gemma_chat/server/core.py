@@ -26,7 +26,6 @@ from ..errors import GemmaChatError, InvalidMessages
 from ..generate import default_sampling
 from ..prompt import PromptBuilder
 from ..thinking import split_thoughts
-from ..tools import gemma3_messages
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 #: Requests that may wait for a slot (or, without slots, for the model) before a 503.
@@ -290,19 +289,33 @@ class Server:
     def constraint(self, schema: dict, param: str):
         """``schema`` compiled for this model (kept for the next request with the same one);
         a schema that cannot be compiled is a 400 naming what is unsupported."""
-        from ..errors import GemmaChatError
         from ..structured import json_constraint
 
-        key = json.dumps(schema, sort_keys=True)
+        return self.compiled(json.dumps(schema, sort_keys=True),
+                             lambda: json_constraint(self.backend, schema), param)
+
+    def compiled(self, key: str, build, param: str):
+        """``build()``'s grammar, kept under ``key`` for the next request (16 at most); a
+        :class:`GemmaChatError` from it is a 400 about ``param``."""
+        from ..errors import GemmaChatError
+
         if key not in self._constraints:
             try:
-                compiled = json_constraint(self.backend, schema)
+                compiled = build()
             except GemmaChatError as exc:
                 raise APIError(400, str(exc), param=param) from None
             while len(self._constraints) >= 16:
                 del self._constraints[next(iter(self._constraints))]
             self._constraints[key] = compiled
         return self._constraints[key]
+
+    def call_plan(self, tools):
+        """How a reply that may call ``tools`` (a :class:`~gemma_chat.tools.ToolRequest`)
+        starts and is constrained, its grammar cached."""
+        from ..tools import plan_calls
+
+        return plan_calls(self.backend, self.prompts, tools,
+                          lambda key, build: self.compiled(key, build, "tools"))
 
     def thinking(self, data: dict) -> bool:
         """Thinking for this request: ``chat_template_kwargs.enable_thinking`` (vLLM's and
@@ -353,13 +366,7 @@ class Server:
                     item.update({k: message[k] for k in ("tool_call_id", "name")
                                  if isinstance(message.get(k), str)})
                 normalized.append(item)
-            thinking = self.thinking(data)
-            if self.prompts.format.name == "gemma4":
-                return self.prompts.chat(normalized, thinking=thinking,
-                                         **({"tools": tools} if tools else {}))
-            if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in normalized):
-                normalized = gemma3_messages(normalized, tools or [])
-            return self.prompts.chat(normalized, thinking=thinking)
+            return self.prompts.with_tools(normalized, tools, thinking=self.thinking(data))
         except InvalidMessages as exc:
             raise APIError(400, f"invalid messages: {exc}", param="messages") from None
 

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from ..backends.base import Stats
 from ..structured import ANY_OBJECT
-from ..tools import read_calls
+from ..tools import CallPlan, read_calls
 from .core import APIError, Job, Server
 from .openai import tool_request
 
@@ -359,8 +359,11 @@ def routes(server: Server, guarded) -> list[Route]:
                             "chat_template_kwargs": {"enable_thinking": thinking}}
             ids = await asyncio.to_thread(server.chat_prompt, request_data,
                                           tools.tools if tools is not None else None)
+        plan = CallPlan()
+        if tools is not None:  # Gemma 4's calls are constrained to the tools' parameters
+            plan = await asyncio.to_thread(server.call_plan, tools)
         job = Job(ids, server.sampling(fields, len(ids)), stops,
-                  thought_ids=server.prompts.thought_ids)
+                  thought_ids=server.prompts.thought_ids, constraint=plan.constraint)
         schema = format_schema(data)
         if schema is not None:
             job.constraint = await asyncio.to_thread(server.constraint, schema, "format")

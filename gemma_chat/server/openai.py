@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from ..backends.base import Stats
 from ..structured import ANY_OBJECT
-from ..tools import ToolRequest, gemma3_call_schema, read_calls
+from ..tools import CallPlan, ToolRequest, read_calls
 from .core import APIError, Job, Server
 
 SHUTTING_DOWN = {"message": "the server is shutting down", "type": "server_error", "param": None,
@@ -221,28 +221,19 @@ def routes(server: Server, guarded) -> list[Route]:
                 prompt = await asyncio.to_thread(server.chat_prompt, data, declared)
             else:
                 prompt = await asyncio.to_thread(server.completion_prompt, data)
-            forced = ""
-            if declared and tools.choice == "required":
-                if server.prompts.format.name == "gemma4":
-                    # The reply starts as a call (of the named function): Gemma 4's own syntax.
-                    from ..template4 import TOOL_CALL
-
-                    forced = str(TOOL_CALL) + "call:" + (f"{tools.name}{{" if tools.name else "")
-                    prompt = prompt + server.prompts.tokens(
-                        [TOOL_CALL, forced[len(str(TOOL_CALL)):]])
+            plan = CallPlan()
+            if declared:  # compiling takes a moment: off the event loop
+                plan = await asyncio.to_thread(server.call_plan, tools)
+                prompt = prompt + server.prompts.tokens(plan.prefix)  # a required Gemma 4 call
             job = Job(prompt, server.sampling(data, len(prompt)), server.stops(data),
-                      thought_ids=server.prompts.thought_ids)
-            if declared and tools.choice == "required" and not forced:
-                # Gemma 1-3: the reply is one JSON call, constrained to the tools' schemas.
-                schema = gemma3_call_schema(tools.tools, tools.name)
-                job.constraint = await asyncio.to_thread(server.constraint, schema, "tools")
+                      thought_ids=server.prompts.thought_ids, constraint=plan.constraint)
             schema = response_format(data)
             if schema is not None:  # compiling takes a moment: off the event loop too
                 job.constraint = await asyncio.to_thread(server.constraint, schema,
                                                          "response_format")
             server.admit(job)  # a full queue answers 503 before any response starts
             if declared:
-                return await respond_with_tools(request, data, job, tools, forced)
+                return await respond_with_tools(request, data, job, tools, plan.forced)
             return await respond(request, data, job, chat=chat)
 
         return endpoint
