@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,9 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="gemma-tests-"))
 # The session's store holds the unpacked demo model and its conversions (about 800 MB): it goes
 # when the session ends, or every run would leave that much behind.
 atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
+# Started as a background job of a shell, this process (and every `gemma` it starts) would
+# ignore SIGINT, and the tests of Ctrl-C would wait for replies that are never stopped.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ["GEMMA_HOME"] = str(_SESSION_HOME / "gemma-home")
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf-home")
 os.environ["HF_HUB_CACHE"] = str(_SESSION_HOME / "hf-home" / "hub")
