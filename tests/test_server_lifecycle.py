@@ -42,7 +42,7 @@ def test_a_job_whose_client_left_while_waiting_never_runs():
         return rest, await queued
 
     _, queued = asyncio.run(scenario())
-    assert queued == [("", None, "cancelled", False)]
+    assert queued == [("", None, "cancelled", False, ())]
     assert len(backend.prompts) == 1  # the second prompt never reached the backend
 
 

@@ -213,3 +213,30 @@ def test_ollama_client_with_tools(backend):
         final = client.chat(model="gemma-3-270m", messages=messages, tools=[WEATHER],
                             options={"temperature": 0, "num_predict": 24})
         assert final.done and final.prompt_eval_count > reply.prompt_eval_count
+
+
+def test_a_reply_with_tools_declared_streams_its_text(backend):
+    """Tools declared, the model free to answer in text: the streamed reply comes in pieces as
+    it is written (not whole at the end) and says what the non-streamed one says."""
+    openai = pytest.importorskip("openai")
+    from conftest import serving
+
+    from gemma_chat.server import create_app
+
+    with serving(create_app(backend, ["gemma-3-270m"])) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        for prompt in ("Tell me about the sea.", "Write a poem about rain."):
+            ask = {"model": "gemma-3-270m", "tools": [WEATHER], "temperature": 0,
+                   "max_tokens": 40, "messages": [{"role": "user", "content": prompt}]}
+            whole = client.chat.completions.create(**ask).choices[0]
+            stream = list(client.chat.completions.create(**ask, stream=True))
+            deltas = [c.choices[0].delta for c in stream if c.choices]
+            text = "".join(d.content or "" for d in deltas)
+            calls = [d.tool_calls[0] for d in deltas if d.tool_calls]
+            assert stream[-1].choices[0].finish_reason == whole.finish_reason
+            if whole.message.tool_calls:
+                assert calls and calls[0].function.name == "get_weather"
+                continue
+            assert text == whole.message.content and not calls
+            if not text.lstrip().startswith(("{", "`")):  # not held back as a possible call
+                assert sum(bool(d.content) for d in deltas) > 5

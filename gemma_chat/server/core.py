@@ -398,9 +398,10 @@ class Server:
         job.admitted = True
 
     async def generate(self, job: Job) \
-            -> AsyncIterator[tuple[str, Stats | None, str | None, bool]]:
-        """Yield (text, stats, finish_reason, thought) as the model writes. A thinking model's
-        thoughts come apart (``thought``), never cut by stop strings.
+            -> AsyncIterator[tuple[str, Stats | None, str | None, bool, tuple[int, ...]]]:
+        """Yield (text, stats, finish_reason, thought, token ids) as the model writes. A thinking
+        model's thoughts come apart (``thought``), never cut by stop strings; the ids are those
+        of the chunk the text came with (control tokens, which have no text, included).
 
         Generation runs in a thread of its own, reading the slots' stream (or, without slots,
         the backend's, one request at a time under the lock); if the consumer stops early (a
@@ -457,7 +458,7 @@ class Server:
                 self.lock.release()
                 self.jobs.discard(job)
                 self.counters.cancelled += 1
-                yield "", None, "cancelled", False
+                yield "", None, "cancelled", False, ()
                 return
         # A thread per request, not the default executor's few: with slots, every request
         # streams at once.
@@ -472,9 +473,10 @@ class Server:
                 if isinstance(item, BaseException):
                     raise item
                 chunk: Chunk = item
+                ids = chunk.token_ids
                 if chunk.thought:
                     if chunk.text:
-                        yield chunk.text, None, None, True
+                        yield chunk.text, None, None, True, ids
                     if chunk.stats is None:
                         continue
                 text, hit = stops.feed("" if chunk.thought else chunk.text)
@@ -482,17 +484,17 @@ class Server:
                     job.cancel.set()
                     stats = await self._drain(queue)
                     done = True
-                    yield text, stats, "stop", False
+                    yield text, stats, "stop", False, ids
                     return
                 if chunk.stats is not None:
                     text += stops.flush()
                     done = True
                     if chunk.stats.stop_reason == "cancelled":  # client gone, or shutdown
                         self.counters.cancelled += 1
-                    yield text, chunk.stats, chunk.finish_reason, False
+                    yield text, chunk.stats, chunk.finish_reason, False, ids
                     return
-                if text:
-                    yield text, None, None, False
+                if text or ids:
+                    yield text, None, None, False, ids
         finally:
             self.counters.served += 1
             if not done:
@@ -505,7 +507,7 @@ class Server:
         pieces, thoughts, stats, reason = [], [], None, "stop"
         watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
-            async for text, stats_, reason_, thought in self.generate(job):
+            async for text, stats_, reason_, thought, _ids in self.generate(job):
                 (thoughts if thought else pieces).append(text)
                 stats, reason = stats_ or stats, reason_ or reason
         finally:

@@ -404,7 +404,7 @@ def routes(server: Server, guarded) -> list[Route]:
         if data.get("stream", True):
             async def lines():
                 stats, reason = None, "stop"
-                async for text, stats_, reason_, thought in server.generate(job):
+                async for text, stats_, reason_, thought, _ids in server.generate(job):
                     if reason_ == "cancelled":  # the server is shutting down
                         yield ndjson({"error": "the server is shutting down"})
                         return

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from ..backends.base import Stats
 from ..structured import ANY_OBJECT
+from ..template4 import TOOL_CALL
 from ..tools import CallPlan, ToolRequest, read_calls
 from .core import APIError, Job, Server
 
@@ -129,7 +130,7 @@ def routes(server: Server, guarded) -> list[Route]:
                         {"index": 0, "delta": {"role": "assistant", "content": ""},
                          "finish_reason": None}]})
                 stats = None
-                async for text, stats_, reason, thought in server.generate(job):
+                async for text, stats_, reason, thought, _ids in server.generate(job):
                     stats = stats_ or stats
                     if reason == "cancelled":  # the server is shutting down
                         yield sse({"error": SHUTTING_DOWN})
@@ -159,32 +160,37 @@ def routes(server: Server, guarded) -> list[Route]:
 
     async def respond_with_tools(request: Request, data: dict, job: Job, tools: ToolRequest,
                                  forced: str) -> Response:
-        """A reply that may call tools: generated whole, then its calls read back (Gemma 4's
-        native syntax, Gemma 1-3's JSON) and sent as ``tool_calls``; streamed as the same
-        chunks OpenAI sends (the role, any text, each call's name and id, then its
-        arguments)."""
+        """A reply that may call tools: its calls read back (Gemma 4's native syntax, Gemma 1-3's
+        JSON) and sent as ``tool_calls``. Streamed, text streams as it comes until a call
+        begins (Gemma 4's call token; a Gemma 1-3 reply that opens with ``{`` or a code fence
+        is held back until it is read), then each call comes as OpenAI sends it: its id and
+        name, then its arguments."""
         gemma4 = server.prompts.format.name == "gemma4"
-        answer, _, stats, reason = await server.collect(request, job)
-        if reason == "cancelled":
-            return JSONResponse({"error": SHUTTING_DOWN}, status_code=503)
-        text = answer
-        if gemma4 and stats is not None:  # the call markers are control tokens
-            text = forced + server.backend.detokenize(stats.token_ids, special=True)
-        calls, content = read_calls(text, tools, gemma4)
-        if calls:
-            reason = "tool_calls"
-        else:
-            content = answer
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": data.get("model") or server.names[0]}
+
+        def read_back(answer: str, stats) -> tuple[list[dict], str]:
+            text = answer
+            if gemma4 and stats is not None:  # the call markers are control tokens
+                text = forced + server.backend.detokenize(stats.token_ids, special=True)
+            return read_calls(text, tools, gemma4)
+
         if not data.get("stream"):
-            message = {"role": "assistant", "content": content or None}
+            answer, thoughts, stats, reason = await server.collect(request, job)
+            if reason == "cancelled":
+                return JSONResponse({"error": SHUTTING_DOWN}, status_code=503)
+            calls, content = read_back(answer, stats)
+            message = {"role": "assistant", "content": (content if calls else answer) or None}
+            if thoughts:
+                message["reasoning_content"] = thoughts
             if calls:
                 message["tool_calls"] = calls
             return JSONResponse({**base, "object": "chat.completion", "choices": [
-                {"index": 0, "message": message, "finish_reason": reason}],
+                {"index": 0, "message": message,
+                 "finish_reason": "tool_calls" if calls else reason}],
                 "usage": usage(len(job.prompt), stats)})
         include_usage = bool(server.stream_options(data).get("include_usage"))
+        opening = server.prompts.tokens([TOOL_CALL])[0] if gemma4 else None
 
         def chunk(delta: dict, finish: str | None = None) -> str:
             return sse({**base, "object": "chat.completion.chunk",
@@ -192,15 +198,46 @@ def routes(server: Server, guarded) -> list[Route]:
 
         async def events():
             yield chunk({"role": "assistant", "content": ""})
-            if content:
-                yield chunk({"content": content})
+            # A required call: the reply is the call from its first token.
+            calling = bool(forced) or (job.constraint is not None and not gemma4)
+            pieces: list[str] = []
+            shown = 0  # characters of the answer sent as content
+            stats, reason = None, "stop"
+            async for text, stats_, reason_, thought, ids in server.generate(job):
+                if reason_ == "cancelled":  # the server is shutting down
+                    yield sse({"error": SHUTTING_DOWN})
+                    yield "data: [DONE]\n\n"
+                    return
+                stats, reason = stats_ or stats, reason_ or reason
+                if thought:
+                    if text:
+                        yield chunk({"reasoning_content": text})
+                    continue
+                pieces.append(text)
+                if calling:
+                    continue
+                answer = "".join(pieces)
+                if gemma4:
+                    calling = opening in ids  # this chunk's text (if any) came before it
+                elif answer.lstrip()[:1] in ("{", "`"):
+                    calling = True  # Gemma 1-3 write a call as JSON: hold it back
+                    continue
+                elif not answer.strip():
+                    continue  # leading whitespace waits for what follows
+                if len(answer) > shown:
+                    yield chunk({"content": answer[shown:]})
+                    shown = len(answer)
+            answer = "".join(pieces)
+            calls, _ = read_back(answer, stats)
+            if not calls and len(answer) > shown:  # held back, and not a call after all
+                yield chunk({"content": answer[shown:]})
             for i, call in enumerate(calls):
                 yield chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
                                              "function": {"name": call["function"]["name"],
                                                           "arguments": ""}}]})
                 yield chunk({"tool_calls": [{"index": i, "function": {
                     "arguments": call["function"]["arguments"]}}]})
-            yield chunk({}, reason)
+            yield chunk({}, "tool_calls" if calls else reason)
             if include_usage:
                 yield sse({**base, "object": "chat.completion.chunk", "choices": [],
                            "usage": usage(len(job.prompt), stats)})
