@@ -394,3 +394,41 @@ def test_openai_client_gets_valid_tool_calls_from_gemma4(dense, engine):
                                     schemas[call.function.name])
     finally:
         backend.close()
+
+
+def test_a_gemma4_chat_calls_a_tool_and_keeps_it(dense):
+    """`gemma chat --tools` on Gemma 4, in process: a required call (constrained, so it fits the
+    tool's parameters) is answered, the model goes on, and the next prompt carries the call and
+    its result in Gemma 4's own syntax, with one BOS."""
+    jsonschema = pytest.importorskip("jsonschema")
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather for a city.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"]}}}
+    backend = load_backend(resolve(str(dense.gguf)), "llama.cpp", LoadOptions(n_ctx=1024))
+    try:
+        convo = Conversation(backend, tools=[weather])
+        seen = []
+
+        def run_calls(calls):
+            seen.extend(calls)
+            return [{"role": "tool", "tool_call_id": c["id"], "name": "get_weather",
+                     "content": "12 degrees and sunny"} for c in calls]
+
+        chunks = list(convo.send("Weather in Oslo?", SamplingParams(seed=1, max_tokens=40),
+                                 run_calls=run_calls, tool_choice="required"))
+        assert seen and chunks[-1].stats is not None
+        for call in seen:
+            jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                weather["function"]["parameters"])
+        # The call's own tokens are not shown as text.
+        assert "call:get_weather" not in "".join(c.text for c in chunks)
+        [exchange] = convo.exchanges
+        assert exchange.calls[0]["tool_calls"][0]["function"]["name"] == "get_weather"
+        prompt = backend.detokenize(convo.ids_for(convo.exchanges, "Thanks"), special=True)
+        assert prompt.count("<bos>") == 1 and "12 degrees and sunny" in prompt
+        assert "<|tool_call>call:get_weather{" in prompt and "<|tool>" in prompt
+    finally:
+        backend.close()
