@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .backends.base import Backend, Chunk, SamplingParams, Stats
 from .errors import ContextOverflow, InvalidArgument
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, media_content
 from .thinking import split_thoughts
 
 #: Room kept for the reply when the conversation is trimmed to fit, if max_tokens is not set.
@@ -40,10 +40,14 @@ class Exchange:
     interrupted: bool = False
     thoughts: str = ""
     calls: list[dict] = field(default_factory=list)  # tool calls and results, in between
+    media: list = field(default_factory=list)  # pictures and clips sent with the user turn
+    missing_media: list[str] = field(default_factory=list)  # ones a resumed chat lost
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"user": self.user, "reply": self.reply,
                                   "interrupted": self.interrupted}
+        if self.media:
+            out["media"] = [m.to_dict() for m in self.media]
         if self.thoughts:
             out["thoughts"] = self.thoughts
         if self.calls:
@@ -52,7 +56,8 @@ class Exchange:
 
     def messages(self) -> list[dict]:
         """The exchange as OpenAI-style messages."""
-        return [{"role": "user", "content": self.user}, *self.calls,
+        user = media_content(self.media, self.user) if self.media else self.user
+        return [{"role": "user", "content": user}, *self.calls,
                 {"role": "assistant", "content": self.reply}]
 
 
@@ -72,24 +77,28 @@ class Conversation:
 
     # -- token ids ------------------------------------------------------------------------
 
-    def ids_for(self, exchanges: list[Exchange], pending: str | None = None) -> list[int]:
-        """The token ids of ``exchanges`` and, when given, a new user turn awaiting a reply."""
+    def ids_for(self, exchanges: list[Exchange], pending: str | None = None,
+                media: list | tuple = ()) -> list[int]:
+        """The token ids of ``exchanges`` and, when given, a new user turn awaiting a reply
+        (with its ``media``)."""
         if not exchanges and pending is None:
             return []
         if self.tools or any(ex.calls for ex in exchanges):
             # Declared tools, calls and results: the whole conversation in the model's format.
             messages = self.messages_of(exchanges)
             if pending is not None:
-                messages.append({"role": "user", "content": pending})
+                messages.append({"role": "user", "content": media_content(media, pending)
+                                 if media else pending})
             return self.prompts.with_tools(messages, self.tools, thinking=self.thinking,
                                            open_reply=pending is not None)
         ids: list[int] = []
         for i, ex in enumerate(exchanges):
             ids += self.prompts.exchange(ex.user, ex.reply, ex.reply_ids, first=i == 0,
-                                         system=self.system, thinking=self.thinking)
+                                         system=self.system, thinking=self.thinking,
+                                         media=ex.media)
         if pending is not None:
             ids += self.prompts.user_turn(pending, first=not exchanges, system=self.system,
-                                          thinking=self.thinking)
+                                          thinking=self.thinking, media=media)
         return ids
 
     @property
@@ -118,14 +127,14 @@ class Conversation:
 
     # -- fitting the context --------------------------------------------------------------
 
-    def _fit(self, text: str, reserve: int) -> tuple[list[Exchange], list[int]]:
+    def _fit(self, text: str, reserve: int, media=()) -> tuple[list[Exchange], list[int]]:
         """Drop the oldest exchanges until the prompt plus ``reserve`` fits the context."""
         n_ctx = self.backend.info.n_ctx
         exchanges = list(self.exchanges)
-        prompt = self.ids_for(exchanges, text)
+        prompt = self.ids_for(exchanges, text, media)
         while exchanges and len(prompt) + reserve > n_ctx:
             exchanges.pop(0)
-            prompt = self.ids_for(exchanges, text)
+            prompt = self.ids_for(exchanges, text, media)
         if len(prompt) >= n_ctx:
             raise ContextOverflow(
                 f"this message is {len(prompt)} tokens with its turn markers and the context "
@@ -137,26 +146,27 @@ class Conversation:
     # -- turns ----------------------------------------------------------------------------
 
     def send(self, text: str, sampling: SamplingParams, *, run_calls=None,
-             tool_choice: str = "auto", **options) -> Iterator[Chunk]:
+             tool_choice: str = "auto", media=(), **options) -> Iterator[Chunk]:
         """Stream the model's reply to ``text``; the exchange is recorded when the stream
         ends, also when it is closed early (Ctrl-C): then the partial reply is kept, marked
         interrupted. Raises :class:`ContextOverflow` before recording anything when ``text``
         alone does not fit. With tools declared, ``run_calls(calls)`` answers the model's
         calls (:func:`gemma_chat.generate.tool_turns`): the stream goes on through every
-        turn, and the exchange keeps the calls and results."""
+        turn, and the exchange keeps the calls and results. ``media`` (pictures, clips) go
+        with the message, before its text."""
         if not text.strip():
             raise InvalidArgument("the message is empty")
         reserve = min(sampling.max_tokens or DEFAULT_REPLY_RESERVE,
                       self.backend.info.n_ctx // 4)
-        kept, prompt = self._fit(text, reserve)
-        exchange = Exchange(text)
+        kept, prompt = self._fit(text, reserve, media)
+        exchange = Exchange(text, media=list(media))
         pieces: list[str] = []
         thoughts: list[str] = []
         messages: list[dict] = []
         if self.tools and run_calls is not None:
             from .generate import tool_turns
 
-            messages = self.messages_of(kept) + [{"role": "user", "content": text}]
+            messages = self.messages_of(kept) + exchange.messages()[:1]
             start = len(messages)
 
             def between(calls: list[dict]) -> list[dict]:
@@ -203,7 +213,7 @@ class Conversation:
         last = self.undo()
         if last is None:
             raise InvalidArgument("nothing to retry yet")
-        return self.send(last.user, sampling, **options)
+        return self.send(last.user, sampling, media=last.media, **options)
 
     def clear(self) -> None:
         """Start over (the system prompt stays)."""

@@ -13,7 +13,8 @@ from dataclasses import replace
 
 from .backends.base import Backend, Chunk, SamplingParams, Stats, apply_model_defaults, collect
 from .errors import InvalidArgument
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, media_content
+from .template import MediaPart
 from .thinking import split_thoughts
 
 #: A pretrained (base) model never ends its turn on its own: without --max-tokens, stop here.
@@ -51,9 +52,9 @@ def thinking_mode(prompts: PromptBuilder, think: bool | None, *, chat: bool) -> 
 
 
 def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = None,
-               thinking: bool = False) -> list[int]:
+               thinking: bool = False, media: Sequence = ()) -> list[int]:
     """Token ids for ``text``: in the model's chat format when ``chat`` (with thinking on when
-    ``thinking``), else as raw text.
+    ``thinking``), else as raw text; ``media`` (pictures, clips) come before the text.
 
     Either way the ids hold exactly one BOS.
     """
@@ -61,13 +62,17 @@ def prompt_ids(backend: Backend, text: str, *, chat: bool, system: str | None = 
     if system:
         valid_text(system, "the system prompt")
     if chat:
-        messages = [{"role": "user", "content": text}]
+        messages = [{"role": "user", "content": media_content(media, text) if media else text}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
         return prompts.chat(messages, thinking=thinking)
     if system:
         raise InvalidArgument("--system needs the chat template (drop --raw, or use an IT model)")
-    return prompts.raw(text)
+    ids = prompts.raw(text)
+    if media:  # a pretrained model: each picture on its own lines after the BOS
+        ids[1:1] = prompts.tokens([p for m in media for p in
+                                   ("\n\n", MediaPart(m.kind, m), "\n\n")])
+    return ids
 
 
 def default_sampling(backend: Backend, *, capped: bool, **overrides: object) -> SamplingParams:

@@ -265,6 +265,7 @@ def pull(model: str, fmt: str = "gguf", quant: str = "q4", *, quiet: bool = Fals
             if RichProgress.progress is not None:
                 RichProgress.progress.stop()
             verify(path, meta.etag, meta.size)
+            _pull_projector(spec, quant, url, say)
             return ResolvedModel(spec.name, path, "gguf", "hf-cache", spec, repo)
         if RichProgress.progress is not None:
             RichProgress.progress.start()
@@ -277,6 +278,30 @@ def pull(model: str, fmt: str = "gguf", quant: str = "q4", *, quiet: bool = Fals
         if RichProgress.progress is not None:
             RichProgress.progress.stop()
         RichProgress.progress = None
+
+
+def _pull_projector(spec: ModelSpec, quant: str, url: str, say) -> Path | None:
+    """The model's projector (``mmproj-*.gguf``, its image and audio encoder), downloaded into
+    the same folder as the model GGUF where the catalogue names one."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    source = spec.gguf_source(quant)
+    download = source[1] if source is not None else None
+    if download is None or not download.mmproj:
+        return None
+    repo, filename = download.repo, download.mmproj
+    with _hub_errors(repo, filename):
+        meta = get_hf_file_metadata(hf_hub_url(repo, filename, endpoint=url), timeout=10)
+    from huggingface_hub import constants
+
+    check_disk(meta.size or 0, Path(constants.HF_HUB_CACHE))
+    say(f"[dim]{spec.name}: its projector {filename}, {memory.human(meta.size or 0)} "
+        f"(pictures{' and sound' if 'audio' in spec.modalities else ''})[/dim]")
+    with _hub_errors(repo, filename):
+        path = Path(hf_hub_download(repo, filename, endpoint=url, tqdm_class=RichProgress,
+                                    etag_timeout=10))
+    verify(path, meta.etag, meta.size)
+    return path
 
 
 #: What ``gemma convert`` needs of an original checkpoint (never pickle or other formats).

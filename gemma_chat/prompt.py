@@ -19,7 +19,7 @@ from typing import Protocol
 
 from . import template, template4
 from .errors import UnsupportedArchitecture
-from .template import Marker, Part
+from .template import Marker, MediaPart, Part
 
 
 class PromptFormat(Protocol):
@@ -35,12 +35,13 @@ class PromptFormat(Protocol):
         """A whole conversation (raises :class:`~gemma_chat.errors.InvalidMessages`)."""
 
     def user_turn(self, text: str, *, first: bool, system: str | None,
-                  thinking: bool = False) -> list[Part]:
-        """One user turn and the opening of the model's reply; the first turn carries the BOS
-        (and the system prompt: its own turn, or folded into the user's)."""
+                  thinking: bool = False, media: Sequence = ()) -> list[Part]:
+        """One user turn (``media``, pictures and sound, before its text) and the opening of
+        the model's reply; the first turn carries the BOS (and the system prompt: its own
+        turn, or folded into the user's)."""
 
     def history(self, user: str, reply: str, *, first: bool, system: str | None,
-                thinking: bool = False) -> list[Part] | None:
+                thinking: bool = False, media: Sequence = ()) -> list[Part] | None:
         """A finished exchange as the official template renders it in a later prompt, or None
         when that is the user turn, the reply's own tokens and :meth:`closing` (then the KV
         cache keeps the whole exchange)."""
@@ -61,14 +62,17 @@ class GemmaTurns:
     def parts(self, messages, add_generation_prompt=True, *, thinking=False):
         return template.parts(messages, add_generation_prompt)
 
-    def user_turn(self, text, *, first, system, thinking=False):
-        text = text.strip()
-        if first and system:
-            text = system + "\n\n" + text
+    def user_turn(self, text, *, first, system, thinking=False, media=()):
         head = [template.BOS_PART] if first else []
-        return head + template.turn_parts("user", text) + template.generation_parts()
+        prefix = system + "\n\n" if first and system else ""
+        if media:
+            body = template.content_parts({"content": media_content(media, text)}, 0)
+            return head + [template.SOT, "user\n" + prefix, *body,
+                           *template.closing_parts(), *template.generation_parts()]
+        return head + template.turn_parts("user", prefix + text.strip()) + \
+            template.generation_parts()
 
-    def history(self, user, reply, *, first, system, thinking=False):
+    def history(self, user, reply, *, first, system, thinking=False, media=()):
         return None
 
     def closing(self):
@@ -107,22 +111,33 @@ class Gemma4Turns:
         # The BOS and the system turn: what the template writes before the first message.
         return template4.parts(messages, False, thinking=thinking, revision=self.revision)
 
-    def user_turn(self, text, *, first, system, thinking=False):
-        out = self._head(first, system, thinking)
-        out += [template4.TURN, "user\n" + text.strip(), template4.END_TURN, "\n",
-                template4.TURN, "model\n"]
+    def _user(self, text: str, media) -> list[Part]:
+        if not media:
+            return [template4.TURN, "user\n" + text.strip(), template4.END_TURN, "\n"]
+        message = {"role": "user", "content": media_content(media, text)}
+        return [template4.TURN, "user\n",
+                *template4.content_of(message, self.revision), template4.END_TURN, "\n"]
+
+    def user_turn(self, text, *, first, system, thinking=False, media=()):
+        out = self._head(first, system, thinking) + self._user(text, media)
+        out += [template4.TURN, "model\n"]
         if not thinking:
             out += [template4.CHANNEL, "thought\n", template4.END_CHANNEL]
         return out
 
-    def history(self, user, reply, *, first, system, thinking=False):
-        return self._head(first, system, thinking) + [
-            template4.TURN, "user\n" + user.strip(), template4.END_TURN, "\n",
+    def history(self, user, reply, *, first, system, thinking=False, media=()):
+        return self._head(first, system, thinking) + self._user(user, media) + [
             template4.TURN, "model\n" + template4.strip_thinking(reply), template4.END_TURN,
             "\n"]
 
     def closing(self):
         return [template4.END_TURN, "\n"]
+
+
+def media_content(media: Sequence, text: str) -> list[dict]:
+    """A user message's content parts: each picture or clip (a :class:`~gemma_chat.media.Media`),
+    then the text."""
+    return [{"type": m.kind, "media": m} for m in media] + [{"type": "text", "text": text}]
 
 
 GEMMA_TURNS = GemmaTurns()
@@ -235,7 +250,10 @@ class PromptBuilder:
                 plain.clear()
 
         for part in parts:
-            if isinstance(part, Marker):
+            if isinstance(part, MediaPart):
+                flush()
+                ids.extend(self.backend.media_ids(part.media))
+            elif isinstance(part, Marker):
                 flush()
                 ids.extend(self.backend.tokenize(part, special=True))
             else:
@@ -243,9 +261,24 @@ class PromptBuilder:
         flush()
         return ids
 
+    def check_media(self, media: Iterable) -> None:
+        """Refuse, in one line, a picture or clip the loaded model cannot take."""
+        from .backends.base import cannot_take
+
+        for item in media:
+            if item.kind not in self.backend.info.media:
+                raise cannot_take(self.backend.info, item)
+
+    def _check_messages(self, messages: list) -> None:
+        self.check_media(part["media"] for m in messages if isinstance(m, Mapping)
+                         and isinstance(m.get("content"), list) for part in m["content"]
+                         if isinstance(part, Mapping) and part.get("media") is not None)
+
     def chat(self, messages: Iterable[Mapping[str, object]], *, thinking: bool = False,
              **options) -> list[int]:
         """A conversation ending in a user turn, with the model's turn opened."""
+        messages = list(messages)
+        self._check_messages(messages)
         return self.tokens(self.format.parts(messages, thinking=thinking, **options))
 
     def with_tools(self, messages: Iterable[Mapping[str, object]], tools: Sequence | None, *,
@@ -256,6 +289,7 @@ class PromptBuilder:
         from .tools import gemma3_messages
 
         messages = list(messages)
+        self._check_messages(messages)
         if self.format.name == "gemma4":
             parts = self.format.parts(messages, open_reply, thinking=thinking,
                                       **({"tools": list(tools)} if tools else {}))
@@ -273,28 +307,32 @@ class PromptBuilder:
         return ids if ids[:1] == [bos] else [bos, *ids]
 
     def user_turn(self, text: str, *, first: bool, system: str | None = None,
-                  thinking: bool = False) -> list[int]:
+                  thinking: bool = False, media: Sequence = ()) -> list[int]:
         """One user turn (see :meth:`PromptFormat.user_turn`), cached."""
-        key = ("turn", first, system if first else None, thinking, text)
+        key = ("turn", first, system if first else None, thinking, text,
+               tuple(m.sha256 for m in media))
         ids = self._turns.get(key)
         if ids is None:
+            self.check_media(media)
             ids = self.tokens(self.format.user_turn(text, first=first,
                                                     system=system if first else None,
-                                                    thinking=thinking))
+                                                    thinking=thinking, media=media))
             self._turns[key] = ids
         return ids
 
     def exchange(self, user: str, reply: str, reply_ids: Sequence[int], *, first: bool,
-                 system: str | None = None, thinking: bool = False) -> list[int]:
+                 system: str | None = None, thinking: bool = False,
+                 media: Sequence = ()) -> list[int]:
         """A finished exchange as it appears in later prompts: as the model generated it where
         the format keeps replies, else as the official template renders it again (Gemma 4
         drops the thoughts)."""
         parts = self.format.history(user, reply, first=first, system=system if first else None,
-                                    thinking=thinking)
+                                    thinking=thinking, media=media)
         if parts is None:
-            return self.user_turn(user, first=first, system=system, thinking=thinking) + \
-                list(reply_ids) + self.closing
-        key = ("history", first, system if first else None, thinking, user, reply)
+            return self.user_turn(user, first=first, system=system, thinking=thinking,
+                                  media=media) + list(reply_ids) + self.closing
+        key = ("history", first, system if first else None, thinking, user, reply,
+               tuple(m.sha256 for m in media))
         ids = self._turns.get(key)
         if ids is None:
             ids = self._turns[key] = self.tokens(parts)

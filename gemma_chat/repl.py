@@ -232,17 +232,60 @@ class ChatApp:
         self.confirm = confirm or (lambda _shown, _args: False)
         self.tool_choice = tool_choice
         self._view: ThoughtView | None = None
+        self.attached: list = []  # pictures and clips for the next message (gemma_chat.media)
 
     # -- turns --
 
     def ask(self, text: str) -> None:
         """Send one user message and stream the reply (Ctrl-C stops it); with tools, the
-        model's calls are shown, confirmed and run on the way."""
+        model's calls are shown, confirmed and run on the way. Attached pictures and clips go
+        with it, and so does a picture or clip whose file the message names, as Ollama does."""
+        self._attach_named(text)
+        media, self.attached = self.attached, []
         if self.tools:
             self._stream(lambda: self.conversation.send(
-                text, self.sampling, run_calls=self._run_calls, tool_choice=self.tool_choice))
+                text, self.sampling, run_calls=self._run_calls, tool_choice=self.tool_choice,
+                media=media))
         else:
-            self._stream(lambda: self.conversation.send(text, self.sampling))
+            self._stream(lambda: self.conversation.send(text, self.sampling, media=media))
+
+    def _attach_named(self, text: str) -> None:
+        """Attach the existing picture and sound files a message names (for a model that
+        takes them), each said on a line."""
+        from .media import MediaError, load, looks_like_media
+
+        kinds = self.backend.info.media
+        if not kinds:
+            return
+        for word in text.split():
+            word = word.strip("'\"`()[]<>,;")
+            if not looks_like_media(word) or "://" in word:
+                continue
+            path = Path(os.path.expanduser(word))
+            if not path.is_file() or any(m.source == str(path) for m in self.attached):
+                continue
+            try:
+                item = load(str(path))
+            except MediaError as exc:
+                self.note(f"(not attached: {exc})")
+                continue
+            if item.kind in kinds:
+                self.attached.append(item)
+                self.note(f"(attached {item.describe()}: the message names it)")
+
+    def _attach(self, kind: str, arg: str) -> None:
+        from .backends.base import cannot_take
+        from .media import load
+
+        if not arg:
+            raise_usage(f"usage: /{kind} {'PATH|URL' if kind == 'image' else 'PATH'}")
+        item = load(os.path.expanduser(arg) if "://" not in arg else arg, kind=kind,
+                    allow_remote=True)
+        if kind not in self.backend.info.media:
+            raise cannot_take(self.backend.info, item)
+        self.attached.append(item)
+        extra = f"; {item.note}" if item.note else ""
+        self.note(f"(attached {item.describe()}{extra}: it goes with your next message)")
 
     def _run_calls(self, calls: list[dict]) -> list[dict]:
         """Between two model turns: the reply so far is closed, each call is shown and run
@@ -360,6 +403,12 @@ class ChatApp:
             lines.append(f"  {tool.name}({args})  {tool.description}".rstrip())
         lines.append("  (a call runs your code on this machine)")
         self.note("\n".join(lines))
+
+    def cmd_image(self, arg: str) -> None:
+        self._attach("image", arg)
+
+    def cmd_audio(self, arg: str) -> None:
+        self._attach("audio", arg)
 
     def cmd_clear(self, arg: str) -> None:
         self.conversation.clear()
@@ -509,6 +558,8 @@ class ChatApp:
             parts.append(f"{stats.decode_tps:.1f} t/s")
         if self.conversation.dropped:
             parts.append(f"dropped {self.conversation.dropped} old exchanges")
+        if self.attached:
+            parts.append(f"{len(self.attached)} attached")
         parts.append("/help")
         return "  |  ".join(parts)
 
@@ -557,6 +608,10 @@ COMMANDS: dict[str, Command] = {
     "/stats": Command(ChatApp.cmd_stats, "/stats", "tokens in context, last turn's speed"),
     "/model": Command(ChatApp.cmd_model, "/model [NAME]", "switch model, keeping the chat"),
     "/info": Command(ChatApp.cmd_info, "/info", "model, backend, context, prompt format"),
+    "/image": Command(ChatApp.cmd_image, "/image PATH|URL", "attach a picture to the next "
+                      "message (a message that names a picture file attaches it too)"),
+    "/audio": Command(ChatApp.cmd_audio, "/audio PATH", "attach a sound clip (at most 30 s) "
+                      "to the next message"),
     "/tools": Command(ChatApp.cmd_tools, "/tools", "the tools the model may call (--tools)"),
     "/edit": Command(ChatApp.cmd_edit, "/edit", "compose the next message in $EDITOR"),
 }

@@ -53,6 +53,17 @@ def model_ggufs(folder: Path) -> list[Path]:
                   if "mmproj" not in p.name.lower() and not p.name.lower().startswith("mtp-"))
 
 
+def find_projector(model: Path) -> Path | None:
+    """The projector GGUF (``mmproj-*.gguf``) that goes with a model GGUF: the only one in its
+    folder, or the one named after the model; None when there is none (or no telling)."""
+    found = sorted(p for p in model.parent.glob("*.gguf") if "mmproj" in p.name.lower())
+    if len(found) == 1:
+        return found[0]
+    stem = model.stem.lower()
+    named = [p for p in found if stem in p.name.lower()]
+    return named[0] if len(named) == 1 else None
+
+
 def _folder_format(path: Path) -> str:
     """Classify a folder: an MLX/Hugging Face safetensors checkpoint of a Gemma model."""
     config = path / "config.json"

@@ -103,10 +103,19 @@ def save(convo: Conversation, path: Path, sampling: dict[str, object],
             except GemmaChatError:
                 saved_kv = None
         with store.atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+            tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=_plain),
+                           encoding="utf-8")
     except OSError as exc:
         raise InvalidArgument(f"cannot save to {path}: {exc.strerror or exc}") from None
     return saved_kv
+
+
+def _plain(value: object) -> object:
+    """JSON for what a conversation holds besides plain data: a picture or clip is kept as
+    where it came from and its hash (:meth:`gemma_chat.media.Media.to_dict`)."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"{type(value).__name__} cannot be saved")
 
 
 def _exchanges_from(records: object, where: Path) -> list[Exchange]:
@@ -128,10 +137,35 @@ def _exchanges_from(records: object, where: Path) -> list[Exchange]:
                                                 c.get("role") in ("assistant", "tool")
                                                 for c in calls)):
             raise InvalidArgument(f"{where} is not a gemma-chat conversation (bad tool calls)")
-        out.append(Exchange(rec["user"], rec.get("reply", ""), list(ids),
+        exchange = Exchange(rec["user"], rec.get("reply", ""), list(ids),
                             bool(rec.get("interrupted", False)),
-                            thoughts if isinstance(thoughts, str) else "", calls))
+                            thoughts if isinstance(thoughts, str) else "", calls)
+        exchange.media, exchange.missing_media = _media_of(rec.get("media"), where)
+        out.append(exchange)
     return out
+
+
+def _media_of(records: object, where: Path) -> tuple[list, list[str]]:
+    """The pictures and clips an exchange was sent with, read again from where they came
+    from and checked against their hash; (media, one line for each that could not be)."""
+    from .media import MediaError
+    from .media import load as load_media
+
+    if not records:
+        return [], []
+    if not (isinstance(records, list) and all(
+            isinstance(r, dict) and r.get("type") in ("image", "audio") and
+            isinstance(r.get("source"), str) and isinstance(r.get("sha256"), str)
+            for r in records)):
+        raise InvalidArgument(f"{where} is not a gemma-chat conversation (bad media)")
+    media, missing = [], []
+    for r in records:
+        try:
+            media.append(load_media(r["source"], kind=r["type"], allow_remote=True,
+                                    expect_sha256=r["sha256"]))
+        except MediaError as exc:
+            missing.append(str(exc))
+    return media, missing
 
 
 def _exchanges_from_messages(messages: object, where: Path) \
@@ -148,7 +182,9 @@ def _exchanges_from_messages(messages: object, where: Path) \
         raise InvalidArgument(f"{where}: {exc}") from None
     exchanges = []
     for i in range(0, len(turns) - 1, 2):
-        exchanges.append(Exchange(turns[i][1], turns[i + 1][1]))
+        user, reply = (t[1] if isinstance(t[1], str) else
+                       "".join(p for p in t[1] if type(p) is str) for t in turns[i:i + 2])
+        exchanges.append(Exchange(user, reply))
     return system, exchanges
 
 
@@ -263,7 +299,7 @@ class Autosave:
             size = self.path.stat().st_size if self.path.exists() else 0
             with open(self.path, "a", encoding="utf-8") as fh:
                 for item in self.pending:
-                    fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+                    fh.write(json.dumps(item, ensure_ascii=False, default=_plain) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
@@ -382,6 +418,11 @@ def restore(convo: Conversation, saved: Saved) -> str:
         if not ex.reply_ids:
             ex.reply_ids = convo.backend.tokenize(ex.reply, special=False)
     n = len(convo.exchanges)
+    missing = [m for ex in convo.exchanges for m in ex.missing_media]
+    if missing:
+        others = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return (f"resumed {n} exchanges without {len(missing)} of their attachments: "
+                f"{missing[0]}{others}")
     if saved.kv_path is not None and same_model and (
             saved.kv_tokens is None or saved.kv_tokens > convo.backend.info.n_ctx):
         return (f"resumed {n} exchanges; the KV state holds {saved.kv_tokens} tokens and the "

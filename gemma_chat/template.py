@@ -23,6 +23,7 @@ from .errors import InvalidMessages
 
 BOS = "<bos>"
 START_OF_TURN = "<start_of_turn>"
+START_OF_IMAGE = "<start_of_image>"
 END_OF_TURN = "<end_of_turn>"
 ROLES = ("system", "user", "assistant")
 
@@ -36,32 +37,56 @@ PROMPT_FORMAT = (
 
 def content_text(message: Mapping[str, object], index: int) -> str:
     """A message's content as text: a string, or OpenAI-style text parts joined."""
+    content = content_parts(message, index)
+    if any(isinstance(p, MediaPart) for p in content):
+        raise InvalidMessages(f"message {index}: only text content parts are supported here")
+    return "".join(content)
+
+
+def content_parts(message: Mapping[str, object], index: int) -> list[Part]:
+    """A message's content as parts: text (each text part trimmed, as Gemma 3's template does)
+    and, for an image part with its picture (``"media"``), a :class:`MediaPart` between blank
+    lines, where Gemma 3's processor expands the template's ``<start_of_image>``."""
     content = message.get("content")
     if isinstance(content, str):
-        return content
-    # OpenAI-style content parts: [{"type": "text", "text": "..."}, ...]
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text":
-                raise InvalidMessages(f"message {index}: only text content parts are supported")
+        return [content]
+    if not isinstance(content, list):
+        raise InvalidMessages(f"message {index}: content must be a string")
+    out: list[Part] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
             text = part.get("text")
             if not isinstance(text, str):
                 raise InvalidMessages(f"message {index}: a text part has no text")
-            texts.append(text.strip())  # Gemma 3's template trims each part
-        return "".join(texts)
-    raise InvalidMessages(f"message {index}: content must be a string")
+            out.append(text.strip())
+        elif kind == "image":
+            if part.get("media") is None:
+                raise InvalidMessages(f"message {index}: an image part without its picture")
+            out += ["\n\n", MediaPart(START_OF_IMAGE, part["media"]), "\n\n"]
+        elif kind == "audio":
+            raise InvalidMessages(f"message {index}: Gemma 1-3 do not hear audio (Gemma 4 E2B "
+                                  "and E4B do)")
+        else:
+            raise InvalidMessages(f"message {index}: content parts must be text or image")
+    return out
 
 
-def normalize(messages: Iterable[Mapping[str, object]]) -> tuple[str | None, list[tuple[str, str]]]:
-    """Check the role rules; return (system text or None, [(role, content), ...]).
+def _has_media(parts: list[Part]) -> bool:
+    return any(isinstance(p, MediaPart) for p in parts)
+
+
+def normalize(messages: Iterable[Mapping[str, object]]) \
+        -> tuple[str | None, list[tuple[str, str | list[Part]]]]:
+    """Check the role rules; return (system text or None, [(role, content), ...]), a content
+    being its text, or its parts where it holds a picture.
 
     Raises :class:`InvalidMessages` when roles are unknown or do not alternate user/assistant
     after an optional leading system message.
     """
     items = list(messages)
     system: str | None = None
-    turns: list[tuple[str, str]] = []
+    turns: list[tuple[str, str | list[Part]]] = []
     for i, message in enumerate(items):
         if not isinstance(message, Mapping):
             raise InvalidMessages(f"message {i} is not a mapping with 'role' and 'content'")
@@ -69,7 +94,9 @@ def normalize(messages: Iterable[Mapping[str, object]]) -> tuple[str | None, lis
         if role not in ROLES:
             raise InvalidMessages(
                 f"message {i}: unknown role {role!r} (use system, user or assistant)")
-        content = content_text(message, i)
+        content = content_text(message, i) if role == "system" else content_parts(message, i)
+        if isinstance(content, list) and not _has_media(content):
+            content = "".join(content)
         if role == "system":
             if i != 0:
                 raise InvalidMessages(f"message {i}: a system message may only come first")
@@ -89,7 +116,20 @@ class Marker(str):
     """A control token's text (``<bos>``, ``<start_of_turn>``, ...), as opposed to plain text."""
 
 
-Part = str  # plain text, or a Marker
+class MediaPart(str):
+    """A picture or sound clip in a prompt: the placeholder its template writes (its text) and
+    the :class:`~gemma_chat.media.Media` itself, which the backend turns into the ids around
+    it and one key per position of its own."""
+
+    media: object
+
+    def __new__(cls, text: str, media: object):
+        part = super().__new__(cls, text)
+        part.media = media
+        return part
+
+
+Part = str  # plain text, a Marker or a MediaPart
 
 #: Gemma's control tokens, as the parts that spell them.
 BOS_PART, SOT, EOT = Marker(BOS), Marker(START_OF_TURN), Marker(END_OF_TURN)
@@ -105,10 +145,12 @@ def parts(messages: Iterable[Mapping[str, object]],
         raise InvalidMessages("the last message must be from the user to generate a reply")
     out: list[Part] = [BOS_PART]
     for i, (role, content) in enumerate(turns):
-        text = content.strip()
-        if i == 0 and system is not None:
-            text = system + "\n\n" + text
-        out += turn_parts(role, text)
+        prefix = system + "\n\n" if i == 0 and system is not None else ""
+        if isinstance(content, str):
+            out += turn_parts(role, prefix + content.strip())
+        else:  # with pictures
+            out += [SOT, f"{'model' if role == 'assistant' else role}\n{prefix}", *content,
+                    *closing_parts()]
     if add_generation_prompt:
         out += generation_parts()
     return out

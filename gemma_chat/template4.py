@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import InvalidMessages
-from .template import Marker, Part
+from .template import Marker, MediaPart, Part
 
 BOS = Marker("<bos>")
 TURN, END_TURN = Marker("<|turn>"), Marker("<turn|>")
@@ -340,6 +340,11 @@ def check(messages: Iterable[Mapping[str, object]]) -> list[Mapping[str, object]
     return items
 
 
+def content_of(message: Mapping, revision: Revision | str = DEFAULT_REVISION) -> list[Part]:
+    """A user message's content as the template writes it (media included)."""
+    return _content(message, False, REVISIONS[revision] if isinstance(revision, str) else revision)
+
+
 def _content(message: Mapping, model: bool, revision: Revision) -> list[Part]:
     content = message.get("content")
     text = strip_thinking if model else str.strip
@@ -352,9 +357,12 @@ def _content(message: Mapping, model: bool, revision: Revision) -> list[Part]:
             out.append(text(part["text"]))
         elif kind in ("image", "video"):
             marker = IMAGE if kind == "image" else VIDEO
+            if part.get("media") is not None:  # the picture itself: the backend's ids for it
+                marker = MediaPart(marker, part["media"])
             out += ["\n\n", marker, "\n\n"] if revision.padded_media else [marker]
         elif kind == "audio":
-            out.append(AUDIO)
+            media = part.get("media")
+            out.append(AUDIO if media is None else MediaPart(AUDIO, media))
     return out
 
 

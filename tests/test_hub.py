@@ -271,3 +271,19 @@ def test_memory_estimate_matches_measured_rss(gguf_path):
 def test_missing_catalogue_model_error_names_the_pull_command():
     with pytest.raises(ModelNotFound, match="gemma pull 9b-it"):
         resolve("9b-it")
+
+
+def test_a_model_that_sees_is_pulled_with_its_projector(stub, online):
+    from gemma_chat import catalog
+    from gemma_chat.resolve import find_projector
+
+    spec = catalog.get("gemma-4-e4b-it")
+    quant, download = next((q, d) for q, d in spec.gguf.items() if d.mmproj)
+    stub.add(download.repo, download.file, b"GGUF" + os.urandom(40_000))
+    stub.add(download.repo, download.mmproj, b"GGUF" + os.urandom(20_000))
+    resolved = hub.pull(spec.name, "gguf", quant, quiet=True)
+    projector = find_projector(resolved.path)
+    assert projector is not None and projector.name == download.mmproj
+    assert projector.stat().st_size == 20_004 and projector.parent == resolved.path.parent
+    gets = [r[1] for r in stub.requests if r[0] == "GET"]
+    assert f"/{download.repo}/resolve/main/{download.mmproj}" in gets

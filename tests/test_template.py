@@ -108,7 +108,7 @@ def test_text_content_parts_match_gemma3_template():
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "first"),
         ([{"role": "tool", "content": "a"}], "unknown role"),
         ([{"role": "user", "content": 3}], "content"),
-        ([{"role": "user", "content": [{"type": "image", "url": "x"}]}], "text content"),
+        ([{"role": "user", "content": [{"type": "image", "url": "x"}]}], "without its picture"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "last message"),
     ],
 )

@@ -38,19 +38,22 @@ def training_text() -> list[str]:
     return lines
 
 
-def train_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
+def train_tokenizer(folder: Path, vocab_size: int = VOCAB, extra_symbols: tuple = (),
+                    extra_text: tuple = ()) -> None:
     """A SentencePiece BPE model with Gemma's special pieces and ids (pad 0, eos 1, bos 2,
-    unk 3, then <mask>, <start_of_turn>, <end_of_turn>), byte fallback, no dummy prefix, plus
-    the small tokenizer_config.json transformers needs to load it as Gemma's tokenizer."""
+    unk 3, then <mask>, <start_of_turn>, <end_of_turn>, then ``extra_symbols``), byte
+    fallback, no dummy prefix, plus the small tokenizer_config.json transformers needs to load
+    it as Gemma's tokenizer."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_text()), model_prefix=str(folder / "tokenizer"),
+        sentence_iterator=iter(training_text() + list(extra_text)),
+        model_prefix=str(folder / "tokenizer"),
         vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
         bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>", *extra_symbols],
         add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, normalization_rule_name="identity",
         minloglevel=2,

@@ -12,6 +12,7 @@ benchmarks) consumes :meth:`Backend.stream`. The last chunk carries the :class:`
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -190,6 +191,8 @@ class ModelInfo:
     weight_repack: str = ""  # llama.cpp's CPU weight repacking, where the backend has one
     context_note: str = ""  # how the context was chosen, when it was not asked for
     chat_template: str = ""  # the model file's own template (never rendered but in a sandbox)
+    media: tuple[str, ...] = ()  # what it takes besides text ("image", "audio"), with its projector
+    projector: str = ""  # the projector file that encodes them
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -268,6 +271,15 @@ class BackendBase:
 
     info: ModelInfo
 
+    def media_ids(self, media) -> list[int]:
+        """The ids a picture or sound clip takes in a prompt: the tokens the model wraps it in,
+        and :func:`media_key` once per position of its own (see :mod:`gemma_chat.media`)."""
+        raise cannot_take(self.info, media)
+
+    def knows_media(self, token: int) -> bool:
+        """Whether ``token`` is the key of a medium :meth:`media_ids` has seen."""
+        return False
+
     def close(self) -> None:  # pragma: no cover - each backend frees its own
         raise NotImplementedError
 
@@ -293,6 +305,42 @@ def context_size(requested: int | None, n_ctx_train: int, engine: str,
     return n_ctx
 
 
+def media_key(sha256: str, n_tokens: int) -> int:
+    """The id each position of a medium holds in a prompt: negative, so never a token, and the
+    same for the same medium seen as the same number of tokens, so that the KV cache's prefix
+    match keeps a picture from one turn to the next."""
+    digest = hashlib.sha256(f"{sha256}:{n_tokens}".encode()).digest()
+    return -1 - int.from_bytes(digest[:4], "little") % (2**31 - 2)
+
+
+def media_start(ids: Sequence[int], n: int, lengths: Mapping[int, int]) -> int:
+    """``n``, or where the medium that position ``n`` falls inside starts: a cache is never
+    cut inside a picture."""
+    if n <= 0 or n >= len(ids) or ids[n] >= 0 or ids[n - 1] != ids[n]:
+        return n
+    key, size = ids[n], lengths[ids[n]]
+    start = n
+    while start > 0 and ids[start - 1] == key:
+        start -= 1
+    return start + (n - start) // size * size  # the same medium twice in a row: whole ones
+
+
+def cannot_take(info: ModelInfo, media) -> InvalidArgument:
+    """The one-line error for a medium a loaded model cannot take."""
+    from ..media import MediaError
+
+    if info.backend == "mlx":
+        return MediaError(f"pictures and sound on MLX are not supported yet ({media.name}); "
+                          "use the model's GGUF and its mmproj file with --backend llama.cpp")
+    if info.media:
+        return MediaError(f"{info.name} takes {' and '.join(info.media)}, not {media.kind} "
+                          f"({media.name}); Gemma 4 E2B and E4B hear audio")
+    return MediaError(
+        f"{info.name} does not take {media.kind}s ({media.name}): it has no projector file "
+        "(mmproj-*.gguf) beside it. Gemma 3 4B, 12B and 27B, Gemma 3n and Gemma 4 see images "
+        "with theirs; Gemma 1, 2 and Gemma 3 270M and 1B read text only")
+
+
 def checked_prompt(backend: Backend, prompt: Prompt) -> list[int]:
     """The prompt as token ids, refused when empty, too long or outside the vocabulary."""
     ids = backend.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -303,7 +351,8 @@ def checked_prompt(backend: Backend, prompt: Prompt) -> list[int]:
         raise ContextOverflow(
             f"the prompt is {len(ids)} tokens and the context holds {info.n_ctx}; "
             f"shorten it or raise --ctx (the model allows {info.n_ctx_train})")
-    bad = [t for t in ids if not 0 <= t < info.n_vocab]
+    knows = getattr(backend, "knows_media", None)
+    bad = [t for t in ids if not 0 <= t < info.n_vocab and not (t < 0 and knows and knows(t))]
     if bad:
         raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary")
     return ids

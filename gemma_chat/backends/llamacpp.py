@@ -55,8 +55,12 @@ def _quiet_logs(verbose: bool) -> None:
         if verbose:
             sys.stderr.write(text.decode("utf-8", errors="replace"))
 
-    _quiet_logs.callback = callback  # keep a reference: llama.cpp holds a raw pointer
+    # Never freed: llama.cpp (and its vision code, which copies the logger) hold raw pointers.
+    _KEPT_CALLBACKS.append(callback)
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+_KEPT_CALLBACKS: list = []
 
 
 def _sampling_from_metadata(meta: Mapping[str, object]) -> dict[str, float]:
@@ -121,11 +125,22 @@ class LlamaCppBackend(BackendBase):
         # Before llama.cpp's first load in this process: weight repacking that is safe here.
         self.repack = repack.prepare()
         self.notes = [self.repack.note] if self.repack.note else []
+        from ..resolve import find_projector
+        from .mtmd import MEDIA_UBATCH, projector_kinds
+
+        self._projector_path = find_projector(path)
+        kinds = projector_kinds(self._projector_path) if self._projector_path else ()
+        if kinds:
+            # A picture is decoded in one ubatch (bidirectional attention over it).
+            n_batch = max(n_batch, MEDIA_UBATCH)
+        self._projector = None
+        self._media: dict[int, tuple[object, int]] = {}  # key -> (media, n_tokens)
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=min(n_batch, n_ctx),
+                n_ubatch=min(n_batch, n_ctx),
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=gpu_layers,
@@ -184,7 +199,10 @@ class LlamaCppBackend(BackendBase):
             weight_repack=self.repack.describe(),
             chat_template=str(gguf.metadata.get("tokenizer.chat_template") or ""),
             context_note=context_note,
+            media=kinds,
+            projector=str(self._projector_path) if kinds else "",
         )
+        self._offload = offload and gpu_layers != 0
 
     def _end_of_generation(self, gguf) -> set[int]:
         """The ids llama.cpp ends a generation on (``<eos>``, ``<end_of_turn>``; Gemma 4 also
@@ -320,6 +338,57 @@ class LlamaCppBackend(BackendBase):
         self._llm._ctx.close()
         self._released = True
 
+    # -- pictures and sound (llama.cpp's mtmd) ------------------------------------------------
+
+    def _projector_for(self, media):
+        if media.kind not in self.info.media:
+            raise base.cannot_take(self.info, media)
+        if self._projector is None:
+            from .mtmd import Projector
+
+            self._projector = Projector(self._projector_path, self._llm._model.model,
+                                        threads=self.info.threads or 1, use_gpu=self._offload)
+        return self._projector
+
+    def media_ids(self, media) -> list[int]:
+        piece = self._projector_for(media).piece(media)
+        key = base.media_key(media.sha256, piece.n_tokens)
+        self._media[key] = (media, piece.n_tokens)
+        return [*piece.before, *[key] * piece.n_tokens, *piece.after]
+
+    def knows_media(self, token: int) -> bool:
+        return token in self._media
+
+    def media_lengths(self) -> dict[int, int]:
+        """The number of positions of each medium, by its key."""
+        return {key: n for key, (_, n) in self._media.items()}
+
+    def evaluate_media(self, ctx, key: int, n_past: int, seq_id: int) -> int:
+        """Decode the medium ``key`` stands for at ``n_past`` of ``seq_id`` in llama.cpp
+        context ``ctx`` (this backend's, or parallel slots'); return the position after it."""
+        media, _ = self._media[key]
+        return self._projector.evaluate(ctx, media, n_past, seq_id,
+                                        llama_cpp.llama_n_ubatch(ctx))
+
+    def _eval_prompt(self, ids: Sequence[int]) -> None:
+        """Evaluate ``ids`` after what the cache holds: runs of tokens with ``Llama.eval``, each
+        medium's positions through its projector."""
+        llm = self._llm
+        i = 0
+        while i < len(ids):
+            if ids[i] >= 0:
+                j = i
+                while j < len(ids) and ids[j] >= 0:
+                    j += 1
+                llm.eval(ids[i:j])
+                i = j
+                continue
+            start = llm.n_tokens
+            end = self.evaluate_media(self._ctx.ctx, ids[i], start, 0)
+            llm.input_ids[start:end] = ids[i]
+            llm.n_tokens = end
+            i += self._media[ids[i]][1]
+
     # -- generation -------------------------------------------------------------------------
 
     def _logits_view(self) -> np.ndarray:
@@ -402,7 +471,9 @@ class LlamaCppBackend(BackendBase):
             self._logits_view()[:] = saved  # the prompt's own logits, as first computed
             reused = len(ids)
         else:
-            note = self.trim_cache(min(lcp, len(ids) - 1)) or note
+            keep = base.media_start(ids, min(lcp, len(ids) - 1), self.media_lengths()) \
+                if self._media else min(lcp, len(ids) - 1)
+            note = self.trim_cache(keep) or note
             reused = llm.n_tokens
         stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
                       cache_note=note)
@@ -410,7 +481,10 @@ class LlamaCppBackend(BackendBase):
         stats.sampler = base.describe_sampler(sp, logit_bias)
 
         if reused < len(ids):
-            llm.eval(ids[reused:])
+            if self._media:
+                self._eval_prompt(ids[reused:])
+            else:
+                llm.eval(ids[reused:])
             self._prompt_logits[len(ids)] = self._logits_view().copy()
             while len(self._prompt_logits) > _SAVED_PROMPTS:
                 del self._prompt_logits[next(iter(self._prompt_logits))]
@@ -456,6 +530,9 @@ class LlamaCppBackend(BackendBase):
         yield Chunk(detok.flush(), (), stats)
 
     def close(self) -> None:
+        if getattr(self, "_projector", None) is not None:
+            self._projector.close()
+            self._projector = None
         llm = getattr(self, "_llm", None)
         if llm is not None:
             llm.close()

@@ -137,6 +137,8 @@ class SlotEngine(BatchingEngine):
     def _assign(self, slot: _Slot, request: Request) -> None:
         ids = request.prompt
         keep = min(base.common_prefix(slot.cells, ids), len(ids) - 1)  # >= 1 token evaluated
+        if keep and min(ids) < 0:  # never cut a picture in two
+            keep = base.media_start(ids, keep, self.backend.media_lengths())
         note = ""
         if keep > 0 and self._n_swa:
             # A sliding-window cache holds only the last window of positions: continuing at
@@ -181,9 +183,13 @@ class SlotEngine(BatchingEngine):
                     shared.append((slot, [slot.next_token], True))
                     room -= 1
         for slot in active:
+            while slot.todo and slot.todo[0] < 0:  # a picture or clip: through its projector
+                self._decode_media(slot)
             if slot.todo:
                 exact = self._exact(slot)
                 take = slot.todo[:min(self._n_batch if exact else room, PREFILL_CHUNK)]
+                if min(take) < 0:  # up to the next medium
+                    take = take[:next(k for k, t in enumerate(take) if t < 0)]
                 if not take:
                     continue
                 entry = (slot, take, len(take) == len(slot.todo))
@@ -223,6 +229,14 @@ class SlotEngine(BatchingEngine):
                 slot.todo = slot.todo[len(tokens):]
         for slot, i in rows:
             self._sample(slot, i)
+
+    def _decode_media(self, slot: _Slot) -> None:
+        """Decode the medium at the head of the slot's prompt, in a call of its own."""
+        key = slot.todo[0]
+        start = len(slot.cells)
+        end = self.backend.evaluate_media(self._ctx, key, start, slot.seq)
+        slot.cells.extend([key] * (end - start))
+        slot.todo = slot.todo[end - start:]
 
     def _sample(self, slot: _Slot, i: int) -> None:
         if slot.run.matcher is not None:  # structured output: only what keeps it valid

@@ -45,6 +45,12 @@ MaxTokOpt = Annotated[int | None, typer.Option(
          "models, which rarely stop on their own).")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a catalogue model that "
                                       "is not on disk without asking.")]
+ImageOpt = Annotated[list[str] | None, typer.Option(
+    "--image", help="A picture to send with the prompt (a path or URL; again for more). "
+                    "Models with a projector file see them: Gemma 3 4B and up, 3n, 4.")]
+AudioOpt = Annotated[list[str] | None, typer.Option(
+    "--audio", help="A sound clip (wav, flac, ogg, mp3; at most 30 s) to send with the prompt "
+                    "(again for more). Gemma 4 E2B and E4B hear.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (its own "
                                                   "turn on Gemma 4; folded into the first user "
                                                   "turn on Gemma 1-3, which have no system "

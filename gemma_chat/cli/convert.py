@@ -57,6 +57,9 @@ def convert(
     err.print(f"{src.path.name} ({human(src_size)}) -> {job.target} ({human(result.size)}, "
               f"{job.quant}, {result.size / max(src_size, 1):.0%} of the source) in "
               f"{result.seconds:.0f} s", soft_wrap=True, markup=False)
+    if job.projector is not None:
+        err.print(f"image encoder -> {job.projector} ({human(job.projector.stat().st_size)})",
+                  soft_wrap=True, markup=False)
     err.print(f"[dim]chat with it: {escape(conv.chat_hint(result))}[/dim]", soft_wrap=True)
 
 

@@ -13,9 +13,11 @@ from rich.markup import escape
 
 from ..errors import GemmaChatError
 from .common import (
+    AudioOpt,
     BackendOpt,
     CtxOpt,
     HideThinkingOpt,
+    ImageOpt,
     MaxTokOpt,
     MinPOpt,
     ModelOpt,
@@ -76,12 +78,15 @@ def run(
                               "file).")] = None,
     tools_file: ToolsOpt = None,
     tool_choice: ToolChoiceOpt = "auto",
+    image: ImageOpt = None,
+    audio: AudioOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
                                           "to stderr.")] = False,
     yes: YesOpt = False,
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
     from .. import generate as gen
+    from ..media import load as load_media
 
     if raw and chat:
         raise click.UsageError("--raw and --chat exclude each other")
@@ -92,12 +97,18 @@ def run(
     if tools_file is not None and schema is not None:
         raise click.UsageError("--tools and --format/--json-schema exclude each other")
     tools = offered_tools(tools_file, tool_choice, yes)
+    # Read before the model loads: a bad file is a one-line error at once.
+    media = [load_media(p, kind="image", allow_remote=True) for p in image or ()] + \
+        [load_media(p, kind="audio") for p in audio or ()]
+    for item in media:
+        if item.note:
+            dim(f"{item.name}: {item.note}")
     with load(model, backend, ctx, threads, spinner=False, yes=yes) as opened:
         use_chat = chat or (opened.resolved.instruction_tuned and not raw)
         prompts = gen.PromptBuilder(opened.backend)
         thinking = gen.thinking_mode(prompts, think, chat=use_chat)
         ids = gen.prompt_ids(opened.backend, text, chat=use_chat, system=system,
-                             thinking=thinking)
+                             thinking=thinking, media=media)
         capped = not (use_chat and opened.resolved.instruction_tuned)
         sampling = gen.default_sampling(opened.backend, capped=capped, **overrides)
         if verbose:
@@ -106,7 +117,7 @@ def run(
         thoughts = ThoughtsToStderr(show=not (hide_thinking or as_json))
         if tools is not None:
             out, stats = tools_answer(opened.backend, text, system, tools, sampling,
-                                      tool_choice, thinking, yes)
+                                      tool_choice, thinking, yes, media)
             write(out)
         else:
             options = {}
@@ -139,13 +150,14 @@ def run(
 
 
 def tools_answer(backend, text: str, system: str | None, tools, sampling, choice: str,
-                 thinking: bool, yes: bool):
+                 thinking: bool, yes: bool, media=()):
     """``gemma run --tools``: the answer after the model's tool calls, each shown on stderr
     and run after a keypress (or at once with ``--yes``)."""
     from .. import generate as gen
+    from ..prompt import media_content
 
     messages = ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": text}]
+        [{"role": "user", "content": media_content(media, text) if media else text}]
     return gen.answer_with_tools(backend, messages, tools, sampling, choice=choice,
                                  thinking=thinking, note=dim,
                                  confirm=(lambda _shown, _args: True) if yes else ask_to_run)

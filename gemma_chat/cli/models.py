@@ -84,7 +84,8 @@ def show(
         lines += [f"model          {spec.name} ({spec.display}), {size}, "
                   f"{'instruction-tuned' if spec.instruction_tuned else 'pretrained'}",
                   f"input          {', '.join(spec.modalities)}" + (
-                      " (gemma-chat reads text)" if len(spec.modalities) > 1 else ""),
+                      " (beyond text: on llama.cpp, with its mmproj file)"
+                      if len(spec.modalities) > 1 else ""),
                   f"architecture   {spec.arch}, {spec.shape.get('layers')} layers, "
                   f"{spec.shape.get('heads')} heads / {spec.shape.get('kv_heads')} KV heads",
                   f"context        {spec.context:,} tokens",
@@ -101,9 +102,19 @@ def show(
                          f"parameters in the file")
             shape, shape_arch = memory.shape_from_gguf(info)
             est = memory.estimate(shape, shape_arch, info.file_size, ctx)
-            lines.append(f"memory         about {memory.human(est.total)} at context {ctx} "
-                         f"(weights {memory.human(est.weights)}, KV cache "
-                         f"{memory.human(est.kv_cache)})")
+            from ..backends.mtmd import projector_kinds
+            from ..resolve import find_projector
+
+            projector = find_projector(local.path)
+            extra = projector.stat().st_size if projector is not None else 0
+            lines.append(f"memory         about {memory.human(est.total + extra)} at context "
+                         f"{ctx} (weights {memory.human(est.weights)}, KV cache "
+                         f"{memory.human(est.kv_cache)}"
+                         + (f", projector {memory.human(extra)})" if extra else ")"))
+            if projector is not None:
+                kinds = projector_kinds(projector)
+                lines.append(f"projector      {projector.name}: takes "
+                             f"{' and '.join(kinds) or 'nothing it can read'}")
             repacking = repack_summary()
             if repacking:
                 lines.append(f"repacking      {repacking}")

@@ -30,6 +30,10 @@ def serve(
              "Default: from the context, up to 4.")] = None,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", min=0, help="Requests that may wait for a slot before a 503.")] = 64,
+    allow_remote_media: Annotated[bool, typer.Option(
+        "--allow-remote-media", help="Fetch http(s) image URLs that requests name (off: only "
+                                     "data: URLs, so that a request cannot make the server "
+                                     "fetch arbitrary URLs).")] = False,
 ) -> None:
     """Serve the model over OpenAI's (/v1/...) and Ollama's (/api/...) HTTP APIs."""
     from ..server import create_app
@@ -49,9 +53,12 @@ def serve(
                    f"each{'' if parallel else ' (--parallel sets another number)'}")
         else:
             how = f"requests one at a time, context {info.n_ctx:,} tokens"
+        if info.media:
+            how += f"; takes {' and '.join(info.media)}"
         try:
             app_ = create_app(opened.backend, names, api_key=api_key, cors=cors or (),
-                              engine=engine, max_queue=max_queue)
+                              engine=engine, max_queue=max_queue,
+                              allow_remote_media=allow_remote_media)
             stderr().print(f"serving [bold]{info.name}[/bold] ({info.backend}; {how}) at "
                            f"http://{host}:{port}/v1 (OpenAI) and /api (Ollama)"
                            f"{'; API key required' if api_key else ''}. Ctrl-C stops.")

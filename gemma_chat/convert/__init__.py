@@ -37,6 +37,7 @@ from ..errors import InvalidArgument, InvalidModelFile, ModelNotFound
 from .checkpoint import Checkpoint
 from .gguf_mlx import gguf_to_mlx
 from .hf_gguf import write_gguf as _write_gemma_gguf
+from .mmproj import has_projector, mmproj_name, write_mmproj
 from .quantize import expected_size, quantize_gguf, quantize_mlx
 
 __all__ = ["Checkpoint", "Job", "Result", "Source", "default_target", "gguf_to_mlx", "locate",
@@ -70,6 +71,7 @@ class Job:
     quant: str  # our vocabulary name or a llama.cpp type name
     target: Path
     warnings: list[str] = field(default_factory=list)
+    projector: Path | None = None  # the image encoder's GGUF, written beside the model
 
 
 @dataclass
@@ -241,6 +243,11 @@ def _to_gguf(job: Job, progress: Progress, threads: int | None) -> None:
                       threads=threads, progress=progress)
         return
     ckpt = Checkpoint.open(job.source.path)
+    if has_projector(ckpt):
+        # Kept in F16 (F32 for an F32 model), as llama.cpp's converter does: a projector is
+        # small, and quantizing it costs image quality.
+        job.projector = write_mmproj(ckpt, mmproj_name(job.target),
+                                     "f32" if job.quant == "f32" else "f16", progress=progress)
     if job.quant in ("f32", "f16", "bf16"):
         write_gguf(ckpt, job.target, job.quant, name=job.source.name, progress=progress)
         return

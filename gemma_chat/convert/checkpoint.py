@@ -59,6 +59,7 @@ class Checkpoint:
     hparams: dict
     weight_files: list[Path]
     _index: dict = field(default_factory=dict, repr=False)
+    config: dict = field(default_factory=dict, repr=False)  # the whole config.json
 
     @property
     def arch(self) -> str:
@@ -88,7 +89,8 @@ class Checkpoint:
             raise UnsupportedArchitecture(
                 f"{folder.name} is already quantized ({method}); convert the original "
                 "bf16/f16 weights")
-        return cls(folder, model_type, text_hparams(config), _weight_files(folder))
+        return cls(folder, model_type, text_hparams(config), _weight_files(folder),
+                   config=config)
 
     # -- tokenizer ------------------------------------------------------------------------------
 
@@ -119,6 +121,21 @@ class Checkpoint:
         out as the text model's (``model.*``); vision tensors and a tied ``lm_head`` are
         skipped.
         """
+        index = self.all_tensors()
+        for name in sorted(index):
+            text_name = text_model_name(name)
+            if text_name is None:
+                continue
+            if text_name == "lm_head.weight":
+                if self.hparams.get("tie_word_embeddings", True) is False:
+                    raise UnsupportedArchitecture(
+                        f"{self.folder.name} has an untied lm_head; Gemma ties it to the "
+                        "token embedding and llama.cpp's Gemma models expect that")
+                continue
+            yield text_name, index[name]
+
+    def all_tensors(self) -> dict[str, object]:
+        """Every tensor of the checkpoint (vision and audio towers too), by its name."""
         from gguf.utility import SafetensorsLocal
 
         if not self._index:
@@ -137,17 +154,7 @@ class Checkpoint:
                 if Path(path).stat().st_size < needed:
                     raise InvalidModelFile(f"{Path(path).name} is truncated (an incomplete "
                                            "download?); fetch it again")
-        for name in sorted(self._index):
-            text_name = text_model_name(name)
-            if text_name is None:
-                continue
-            if text_name == "lm_head.weight":
-                if self.hparams.get("tie_word_embeddings", True) is False:
-                    raise UnsupportedArchitecture(
-                        f"{self.folder.name} has an untied lm_head; Gemma ties it to the "
-                        "token embedding and llama.cpp's Gemma models expect that")
-                continue
-            yield text_name, self._index[name]
+        return self._index
 
     @staticmethod
     def read(tensor, dtype=np.float32, shift: float = 0.0) -> np.ndarray:

@@ -25,10 +25,12 @@ from .core import DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, APIError, Server
 
 def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = None,
                cors: Sequence[str] = (), max_body: int = DEFAULT_MAX_BODY, engine=None,
-               max_queue: int = DEFAULT_MAX_QUEUE) -> Starlette:
+               max_queue: int = DEFAULT_MAX_QUEUE,
+               allow_remote_media: bool = False) -> Starlette:
     """The ASGI application serving ``backend`` under the model ``names`` (the first is the
     full name), through ``engine``'s parallel slots where given."""
-    server = Server(backend, names, api_key, max_body, engine=engine, max_queue=max_queue)
+    server = Server(backend, names, api_key, max_body, engine=engine, max_queue=max_queue,
+                    allow_remote_media=allow_remote_media)
 
     def guard(render: Callable[[APIError], Response]):
         def guarded(handler):

@@ -24,10 +24,12 @@ from .. import template
 from ..backends.base import Backend, Chunk, SamplingParams, Stats
 from ..errors import GemmaChatError, InvalidMessages
 from ..generate import default_sampling
+from ..media import MediaError
 from ..prompt import PromptBuilder
 from ..thinking import split_thoughts
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+MEDIA_MAX_BODY = 64 * 1024 * 1024  # for a model that takes pictures and sound
 #: Requests that may wait for a slot (or, without slots, for the model) before a 503.
 DEFAULT_MAX_QUEUE = 64
 MAX_STOP_STRINGS = 4
@@ -132,8 +134,11 @@ class Server:
 
     def __init__(self, backend: Backend, names: Iterable[str], api_key: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, engine=None,
-                 max_queue: int = DEFAULT_MAX_QUEUE):
+                 max_queue: int = DEFAULT_MAX_QUEUE, allow_remote_media: bool = False):
         self.backend = backend
+        self.allow_remote_media = allow_remote_media  # fetch http(s) image URLs
+        if backend.info.media:  # room for pictures and clips sent inline
+            max_body = max(max_body, MEDIA_MAX_BODY)
         self.engine = engine  # parallel slots (SlotEngine), or None: one request at a time
         self.max_queue = engine.max_queue if engine is not None else max_queue
         self.names = list(dict.fromkeys(n for n in names if n))
@@ -346,6 +351,8 @@ class Server:
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
+        from .openai import MEDIA_PARTS, media_content
+
         normalized: list[dict[str, object]] = []
         try:
             for i, message in enumerate(messages):
@@ -353,8 +360,13 @@ class Server:
                     raise InvalidMessages(f"message {i} must be an object")
                 role = message.get("role")
                 role = "system" if role == "developer" else role  # newer clients say developer
-                content = template.content_text(message, i) \
-                    if message.get("content") is not None or role != "assistant" else ""
+                raw = message.get("content")
+                if role == "user" and isinstance(raw, list) and any(
+                        isinstance(p, dict) and p.get("type") in MEDIA_PARTS for p in raw):
+                    content = media_content(raw, i, self.allow_remote_media)
+                else:
+                    content = template.content_text(message, i) \
+                        if raw is not None or role != "assistant" else ""
                 if role == "system" and normalized and normalized[-1]["role"] == "system" \
                         and len(normalized) == 1:
                     normalized[0]["content"] += "\n\n" + content
@@ -369,6 +381,8 @@ class Server:
             return self.prompts.with_tools(normalized, tools, thinking=self.thinking(data))
         except InvalidMessages as exc:
             raise APIError(400, f"invalid messages: {exc}", param="messages") from None
+        except MediaError as exc:
+            raise APIError(400, str(exc), param="messages") from None
 
     def completion_prompt(self, data: dict) -> list[int]:
         prompt = data.get("prompt")

@@ -123,9 +123,20 @@ def format_schema(data: Mapping) -> dict | None:
 
 
 def unsupported(data: Mapping) -> None:
-    """What gemma serve does not do yet, refused in Ollama's words rather than ignored."""
-    if data.get("images"):
-        raise APIError(400, "images are not supported by gemma serve yet")
+    """What gemma serve does not do, refused in Ollama's words rather than ignored."""
+    if data.get("images") and (data.get("raw") or data.get("context")):
+        raise APIError(400, "images need the chat template: not with raw or context")
+
+
+def with_images(content: str, images: object, where: str) -> str | list[dict]:
+    """A message's text and Ollama's ``images`` (base64 strings) as OpenAI content parts, the
+    pictures first; the text alone when there are none."""
+    if not images:
+        return content
+    if not (isinstance(images, list) and all(isinstance(i, str) and i for i in images)):
+        raise APIError(400, f"{where}: images must be an array of base64 strings")
+    return [{"type": "image_url", "image_url": {"url": f"data:;base64,{i}"}} for i in images] \
+        + [{"type": "text", "text": content}]
 
 
 def chat_messages(data: Mapping) -> list[dict]:
@@ -144,12 +155,13 @@ def chat_messages(data: Mapping) -> list[dict]:
         if role not in ("system", "user", "assistant", "tool"):
             raise APIError(400, f"message {i}: role {role!r} is not supported (system, user, "
                                    "assistant or tool)")
-        if m.get("images"):
-            raise APIError(400, "images are not supported by gemma serve yet")
         content = m.get("content", "")
         if not isinstance(content, str):
             raise APIError(400, f"message {i}: content must be a string")
-        message: dict = {"role": role, "content": content}
+        if m.get("images") and role != "user":
+            raise APIError(400, f"message {i}: only user messages carry images")
+        message: dict = {"role": role, "content": with_images(content, m.get("images"),
+                                                              f"message {i}")}
         calls = m.get("tool_calls")
         if role == "assistant" and calls:
             if not isinstance(calls, list):
@@ -336,7 +348,9 @@ def routes(server: Server, guarded) -> list[Route]:
             system = data.get("system")
             messages = [{"role": "system", "content": system}] \
                 if isinstance(system, str) and system else []
-            messages += [{"role": "user", "content": prompt}] if prompt else []
+            messages += [{"role": "user", "content": with_images(prompt, data.get("images"),
+                                                                 "the request")}] \
+                if prompt else []
         if not any(m["role"] == "user" for m in messages):  # Ollama's "load the model"
             record = {"model": model, "created_at": go_time(), "done": True,
                       "done_reason": "unload" if data.get("keep_alive") in (0, "0") else "load"}

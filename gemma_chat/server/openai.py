@@ -95,6 +95,46 @@ def tool_request(data: dict) -> ToolRequest | None:
     return ToolRequest(list(tools), choice, name, parallel)
 
 
+#: OpenAI's content parts that carry media, and the kind each holds.
+MEDIA_PARTS = {"image_url": "image", "input_audio": "audio"}
+AUDIO_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac",
+                 "ogg": "audio/ogg"}
+
+
+def media_content(parts: list, index: int, allow_remote: bool) -> list[dict]:
+    """A user message's OpenAI content parts with their media read: ``image_url`` (a data: URL,
+    or an http(s) URL where ``allow_remote``) and ``input_audio`` (base64 wav/mp3/flac/ogg)
+    become ``{"type": "image"|"audio", "media": Media}``; text parts stay."""
+    from ..media import load
+
+    out: list[dict] = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append(part)
+        elif kind == "image_url":
+            ref = part.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str) or not url:
+                raise APIError(400, f"message {index}: an image_url part needs a url",
+                               param="messages")
+            out.append({"type": "image", "media": load(url, kind="image",
+                                                       allow_remote=allow_remote)})
+        elif kind == "input_audio":
+            ref = part.get("input_audio")
+            data = ref.get("data") if isinstance(ref, dict) else None
+            fmt = ref.get("format", "wav") if isinstance(ref, dict) else None
+            if not isinstance(data, str) or fmt not in AUDIO_FORMATS:
+                raise APIError(400, f"message {index}: an input_audio part needs base64 data and "
+                                    f"a format ({', '.join(AUDIO_FORMATS)})", param="messages")
+            out.append({"type": "audio", "media": load(
+                f"data:{AUDIO_FORMATS[fmt]};base64,{data}", kind="audio")})
+        else:
+            raise APIError(400, f"message {index}: content parts must be text, image_url or "
+                                "input_audio", param="messages")
+    return out
+
+
 def sse(data: object) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 

@@ -1,0 +1,229 @@
+"""Pictures and sound into a llama.cpp context, through llama.cpp's multimodal library (mtmd).
+
+    projector = Projector(Path("mmproj-gemma-3-4b-it-f16.gguf"), llm, threads=8)
+    piece = projector.piece(media)     # the ids around it and its token count
+    n_past = projector.evaluate(media, n_past, seq_id=0)
+
+A model's image (and audio) encoder lives in a projector GGUF of its own (``mmproj-*.gguf``).
+For each picture or clip, mtmd preprocesses it, runs the encoder and decodes the resulting
+embeddings into the KV cache at the given position, with bidirectional attention over the image
+where the model wants it (Gemma 3): the whole image must then be one ubatch, which is why the
+context's ``n_ubatch`` is at least :attr:`Projector.max_tokens`. mtmd also writes the tokens that
+wrap a medium (``<start_of_image>`` ... ``<end_of_image>``, Gemma 4's ``<|image>`` ...
+``<image|>``) itself: :meth:`Projector.piece` returns them as ids around the medium's own
+positions, so a prompt holds them as ordinary tokens.
+
+Media are handed to mtmd as decoded pixels (RGB) or 16 kHz samples, each with the SHA-256 of its
+source as its id. Gemma 3's processor squashes a picture to its square input size; mtmd would
+keep the aspect ratio and pad, so pictures are resized here first, as the processor does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError
+from ..media import Media, MediaError
+
+try:
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as mtmd
+except ImportError:  # pragma: no cover - where the extra is missing
+    mtmd = None
+
+#: The ubatch (and batch) a context with a projector gets, at least: a Gemma 3 picture is 256
+#: tokens and Gemma 4's default budget 280, each decoded in one ubatch.
+MEDIA_UBATCH = 512
+
+#: The marker that stands for a medium in the text given to mtmd: never in user text, because
+#: only the medium itself is ever tokenized with it.
+_MARKER = b"<__gemma_chat_media__>"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """How one medium appears in a prompt: ``before`` ids, ``n_tokens`` positions of its own
+    embeddings, then ``after`` ids."""
+
+    before: tuple[int, ...]
+    n_tokens: int
+    after: tuple[int, ...]
+
+
+def projector_kinds(path: Path) -> tuple[str, ...]:
+    """What a projector GGUF encodes ("image", "audio"), read from its header."""
+    from ..gguf_file import read_gguf
+
+    meta = read_gguf(path).metadata
+    kinds = []
+    if meta.get("clip.has_vision_encoder"):
+        kinds.append("image")
+    if meta.get("clip.has_audio_encoder"):
+        kinds.append("audio")
+    return tuple(kinds)
+
+
+def projector_image_size(path: Path) -> int:
+    from ..gguf_file import read_gguf
+
+    return int(read_gguf(path).metadata.get("clip.vision.image_size") or 0)
+
+
+class Projector:
+    """An mtmd context on a projector GGUF, bound to one loaded llama.cpp model."""
+
+    def __init__(self, path: Path, model, *, threads: int, use_gpu: bool, verbose: bool = False):
+        if mtmd is None:
+            raise BackendError("this llama-cpp-python has no multimodal library (mtmd)")
+        _quiet(verbose)
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = threads
+        params.print_timings = verbose
+        params.warmup = False
+        params.media_marker = _MARKER
+        self.path = Path(path)
+        self._ctx = mtmd.mtmd_init_from_file(str(path).encode(), model, params)
+        if not self._ctx:
+            raise BackendError(f"llama.cpp could not load the projector {self.path.name} with "
+                               "this model (a projector made for another model?)")
+        self.kinds = tuple(k for k, ok in (("image", mtmd.mtmd_support_vision(self._ctx)),
+                                           ("audio", mtmd.mtmd_support_audio(self._ctx))) if ok)
+        self.sample_rate = int(mtmd.mtmd_get_audio_sample_rate(self._ctx))
+        self.image_size = projector_image_size(self.path)
+        self.square = self._squashes()
+        self._pieces: dict[str, Piece] = {}
+
+    def _squashes(self) -> bool:
+        """Whether the model sees a fixed square (Gemma 3, 3n), as opposed to a budget."""
+        from ..gguf_file import read_gguf
+
+        kind = str(read_gguf(self.path).metadata.get("clip.projector_type") or "")
+        return kind in ("gemma3", "gemma3nv")
+
+    # -- one medium ----------------------------------------------------------------------
+
+    def _bitmap(self, media: Media):
+        if media.kind == "image":
+            pixels = media.pixels
+            if self.square and self.image_size and pixels.shape[:2] != (self.image_size,) * 2:
+                pixels = _squash(pixels, self.image_size)
+            h, w = pixels.shape[:2]
+            data = np.ascontiguousarray(pixels, dtype=np.uint8)
+            bitmap = mtmd.mtmd_bitmap_init(w, h, data.ctypes.data_as(
+                ctypes.POINTER(ctypes.c_uint8)))
+        else:
+            samples = np.ascontiguousarray(media.samples, dtype=np.float32)
+            bitmap = mtmd.mtmd_bitmap_init_from_audio(
+                len(samples), samples.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        if not bitmap:
+            raise MediaError(f"llama.cpp could not take {media.describe()}")
+        mtmd.mtmd_bitmap_set_id(bitmap, media.sha256.encode())
+        return bitmap
+
+    def _chunks(self, media: Media):
+        """mtmd's chunks for the medium alone: text (its opening), the medium, text."""
+        if media.kind not in self.kinds:
+            raise MediaError(f"this model's projector does not take {media.kind}")
+        bitmap = self._bitmap(media)
+        chunks = mtmd.mtmd_input_chunks_init()
+        text = mtmd.mtmd_input_text()
+        text.text, text.text_len, text.add_special, text.parse_special = \
+            _MARKER, len(_MARKER), False, True
+        try:
+            rc = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(text),
+                                    (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+        finally:
+            mtmd.mtmd_bitmap_free(bitmap)
+        if rc != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise MediaError(f"llama.cpp could not preprocess {media.describe()} (error {rc})")
+        return chunks
+
+    def piece(self, media: Media) -> Piece:
+        """The ids around ``media`` and its number of positions (remembered by hash)."""
+        piece = self._pieces.get(media.sha256)
+        if piece is not None:
+            return piece
+        chunks = self._chunks(media)
+        try:
+            before, after, n_tokens, seen = [], [], 0, False
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    (after if seen else before).extend(ptr[j] for j in range(n.value))
+                elif seen:
+                    raise MediaError(f"{media.describe()} is more than one piece for llama.cpp "
+                                     "(a clip over 30 s?)")
+                else:
+                    seen, n_tokens = True, mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        piece = self._pieces[media.sha256] = Piece(tuple(before), n_tokens, tuple(after))
+        return piece
+
+    def evaluate(self, llama_ctx, media: Media, n_past: int, seq_id: int, n_batch: int) -> int:
+        """Encode ``media`` and decode its embeddings at position ``n_past`` of ``seq_id``;
+        return the position after it."""
+        chunks = self._chunks(media)
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    continue
+                new_past = llama_cpp.llama_pos(n_past)
+                rc = mtmd.mtmd_helper_eval_chunk_single(self._ctx, llama_ctx, chunk, n_past,
+                                                        seq_id, n_batch, False,
+                                                        ctypes.byref(new_past))
+                if rc != 0:
+                    raise BackendError(f"llama.cpp failed to encode {media.describe()} "
+                                       f"(error {rc})")
+                return int(new_past.value)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        raise BackendError(f"llama.cpp made no embeddings of {media.describe()}")
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            mtmd.mtmd_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self):  # pragma: no cover - interpreter shutdown
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _squash(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``size`` x ``size``, bilinear, as Gemma 3's processor does (no aspect ratio)."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+_LOG = {"verbose": False, "callback": None}
+
+
+def _quiet(verbose: bool) -> None:
+    """mtmd logs every image it encodes: only to stderr when verbose. One callback for the
+    process: llama.cpp's vision code keeps the pointer it was given, so a callback must never
+    be freed."""
+    _LOG["verbose"] = verbose
+    if _LOG["callback"] is None:
+        @llama_cpp.llama_log_callback
+        def callback(level, text, user_data):  # noqa: ARG001
+            if _LOG["verbose"]:
+                sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+        _LOG["callback"] = callback
+        mtmd.mtmd_log_set(callback, ctypes.c_void_p(0))
+        mtmd.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
