@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -82,6 +83,22 @@ class Media:
     def to_dict(self) -> dict[str, str]:
         """What a saved conversation keeps: where it came from and its hash."""
         return {"type": self.kind, "source": self.source, "sha256": self.sha256}
+
+
+def processor_settings(folder: Path) -> dict:
+    """A checkpoint's image processor settings (``preprocessor_config.json``, or the
+    ``image_processor`` of ``processor_config.json``); empty when it has neither."""
+    merged: dict = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                merged.update(data.get("image_processor", data))
+    return merged
 
 
 def looks_like_media(text: str) -> bool:

@@ -36,7 +36,12 @@ from tiny_vlm import (  # noqa: E402
 )
 
 from gemma_chat import media, sessions  # noqa: E402
-from gemma_chat.backends.base import SamplingParams, collect, media_key  # noqa: E402
+from gemma_chat.backends.base import (  # noqa: E402
+    SamplingParams,
+    collect,
+    common_prefix,
+    media_key,
+)
 from gemma_chat.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from gemma_chat.chat import Conversation  # noqa: E402
 from gemma_chat.prompt import PromptBuilder, media_content  # noqa: E402
@@ -61,6 +66,13 @@ def vlm(tmp_path_factory):
         assert result.returncode == 0, result.stderr
         assert f"image encoder -> {out.parent}/mmproj-" in result.stderr
         models[quant] = out
+    for quant in ("f32", "q8"):
+        out = root / f"mlx-{quant}"
+        result = run_gemma("convert", str(folder), "--to", "mlx", "--quant", quant, "--out",
+                           str(out), timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert (out / "vision.safetensors").is_file()
+        models[f"mlx-{quant}"] = out
     pictures = {}
     for colour, (size, fmt) in SHAPES.items():
         path = root / f"{colour}.{fmt}"
@@ -104,14 +116,14 @@ def test_the_projector_gguf_is_llama_cpps(vlm):
 def test_preprocessing_equals_the_hugging_face_processor(vlm):
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from gemma_chat.backends.mtmd import _squash
+    from gemma_chat.backends.mtmd import squash
 
     processor = Gemma3ImageProcessorPil.from_pretrained(vlm.folder)
     worst = 0.0
     for path in vlm.pictures.values():
         item = media.load(str(path))
         expected = processor(Image.open(path), return_tensors="np")["pixel_values"][0]
-        ours = (_squash(item.pixels, IMAGE_SIZE).astype(np.float32) / 255.0 - 0.5) / 0.5
+        ours = (squash(item.pixels, IMAGE_SIZE).astype(np.float32) / 255.0 - 0.5) / 0.5
         worst = max(worst, float(np.abs(ours.transpose(2, 0, 1) - expected).max()))
     print(f"largest pixel difference from the processor: {worst:.2e}")
     assert worst < 1e-5
@@ -149,13 +161,50 @@ def test_image_prompt_logits_match_transformers(vlm):
         backend.close()
 
 
-def test_gemma_run_names_the_colour_it_is_shown(vlm):
-    model = str(vlm.models["q8_0"])
+@pytest.mark.parametrize("model", ["q8_0", "mlx-q8"])
+def test_gemma_run_names_the_colour_it_is_shown(vlm, model):
+    backend = "mlx" if model.startswith("mlx") else "llama.cpp"
     for colour, path in vlm.pictures.items():
-        result = run_gemma("run", "-m", model, "--chat", "--image", str(path), QUESTION,
-                           "--temp", "0", "-n", "4")
+        result = run_gemma("run", "-m", str(vlm.models[model]), "--backend", backend, "--chat",
+                           "--image", str(path), QUESTION, "--temp", "0", "-n", "4")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == colour, (colour, result.stdout, result.stderr)
+
+
+def test_mlx_image_prompt_logits_match_transformers(vlm):
+    """MLX (mlx-lm's text model, mlx-vlm's image encoder) at every position after the picture,
+    against transformers with the picture's attention causal as MLX has it: within 1e-3 of the
+    largest logit (seen here: about 1e-5)."""
+    import mlx.core as mx
+    from transformers import AutoTokenizer
+
+    from gemma_chat.backends.mlx import MLXBackend
+
+    tokenizer = AutoTokenizer.from_pretrained(vlm.folder)
+    reference_ids = tokenizer(chat_text(), add_special_tokens=False).input_ids
+    soft = tokenizer.convert_tokens_to_ids(SOFT)
+    path = vlm.models["mlx-f32"]
+    backend = MLXBackend(ResolvedModel(path.name, path, "mlx", "path"), n_ctx=512)
+    assert backend.info.media == ("image",)
+    prompts = PromptBuilder(backend)
+    figures = []
+    for colour, rgb in COLOURS.items():
+        pixels = picture(rgb, seed=11)
+        item = media.Media("image", f"{colour}.png", f"{colour}-mlx", pixels=pixels)
+        ids = prompts.chat([{"role": "user", "content": media_content([item], QUESTION)}])
+        assert [soft if t < 0 else t for t in ids] == reference_ids
+        tokens = mx.array([[max(t, 0) for t in ids]])
+        ours = np.array(backend.model(tokens, input_embeddings=backend._embeddings(ids)[None])
+                        [0].astype(mx.float32))
+        ref = reference_logits(vlm.folder, reference_ids, pixels, bidirectional=False)
+        after = ids.index(min(ids)) + 4
+        err = float(np.abs(ours[after:] - ref[after:]).max())
+        scale = float(np.abs(ref[after:]).max())
+        figures.append(f"{colour}: max |diff| {err:.1e} of {scale:.1f}")
+        assert err < 1e-3 * scale, figures[-1]
+        text, _ = collect(backend.stream(ids, SamplingParams(temperature=0, max_tokens=4)))
+        assert text == colour
+    print("; ".join(figures))
 
 
 def test_media_errors_are_one_line_each(vlm, tmp_path):
@@ -177,6 +226,23 @@ def test_media_errors_are_one_line_each(vlm, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr
+
+
+def test_an_mlx_chat_keeps_the_picture_in_its_cache(vlm):
+    from gemma_chat.backends.mlx import MLXBackend
+
+    path = vlm.models["mlx-q8"]
+    backend = MLXBackend(ResolvedModel(path.name, path, "mlx", "path"), n_ctx=512)
+    convo = Conversation(backend)
+    picture_ = media.load(str(vlm.pictures["yellow"]))
+    text, _ = collect(convo.send(QUESTION, GREEDY, media=[picture_]))
+    assert text == "yellow"
+    first = convo.ids
+    expected = len(convo.ids_for(convo.exchanges, "Thank you.")) - len(first) + \
+        len(convo.prompts.closing)
+    collect(convo.send("Thank you.", GREEDY))
+    # mlx-lm has fed the reply's stop token (<end_of_turn>) already: one fewer to evaluate.
+    assert convo.last_stats.prompt_eval_tokens in (expected - 1, expected)
 
 
 def test_a_chat_keeps_the_picture_and_its_cache(vlm, q8, tmp_path):
@@ -216,10 +282,11 @@ def test_a_chat_keeps_the_picture_and_its_cache(vlm, q8, tmp_path):
     assert [m.sha256 for ex in restored for m in ex.media] == \
         [m.sha256 for ex in convo.exchanges for m in ex.media]
     resumed = again.conversation
-    expected = len(resumed.ids_for(resumed.exchanges, "Again?")) - len(resumed.ids) + \
-        len(resumed.prompts.closing)
+    prompt = resumed.ids_for(resumed.exchanges, "Again?")
+    held = common_prefix(q8.cached_tokens, prompt)  # the restored KV state
+    assert held > max(i for i, t in enumerate(prompt) if t < 0)  # both pictures in it
     again.handle("Again?")
-    assert resumed.last_stats.prompt_eval_tokens == expected
+    assert resumed.last_stats.prompt_eval_tokens == len(prompt) - held < 25
 
     # A picture that is gone when the chat is resumed: said on one line, the chat goes on.
     moved = vlm.root / "moved.png"

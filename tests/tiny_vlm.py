@@ -124,9 +124,11 @@ def _train(model, tokenizer, soft_id: int, steps: int, batch: int = 8) -> None:
     model.eval()
 
 
-def reference_logits(folder: Path, ids: list[int], pixels: np.ndarray):
+def reference_logits(folder: Path, ids: list[int], pixels: np.ndarray,
+                     bidirectional: bool = True):
     """transformers' logits at every position of ``ids`` with one picture (already at 64x64),
-    eager attention, float32: (len(ids), vocab)."""
+    eager attention, float32: (len(ids), vocab). The picture's tokens see each other, as in
+    Gemma 3, unless not ``bidirectional`` (plain causal attention, as mlx-vlm has it)."""
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
@@ -136,5 +138,5 @@ def reference_logits(folder: Path, ids: list[int], pixels: np.ndarray):
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         out = model(input_ids=input_ids, pixel_values=pixel_values(pixels),
-                    token_type_ids=(input_ids == soft).long())
+                    token_type_ids=(input_ids == soft).long() if bidirectional else None)
     return out.logits[0].float().numpy()

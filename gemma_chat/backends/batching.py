@@ -138,6 +138,7 @@ class BatchingEngine:
     #: Whether the engine thread, its work done, waits for the process to end instead of
     #: ending itself (see MlxSlotEngine).
     _park_thread = False
+    takes_media = True  # prompts may hold pictures (their keys: gemma_chat.backends.base)
 
     # -- the public side ------------------------------------------------------------------------
 
@@ -148,6 +149,11 @@ class BatchingEngine:
         """Queue a generation (:class:`QueueFull` when the queue is full) and yield its chunks
         as the engine produces them: the same chunks, stats last, as a backend's ``stream``."""
         ids = base.checked_prompt(self.backend, prompt)
+        if not self.takes_media and min(ids) < 0:
+            from ..media import MediaError
+
+            raise MediaError("pictures on MLX are served one request at a time: start gemma "
+                             "serve with --parallel 1")
         if len(ids) >= self.n_ctx:
             raise GemmaChatError(f"the prompt is {len(ids)} tokens and a slot holds "
                                  f"{self.n_ctx}")

@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import BackendError, missing_extra
 from ..family import GEMMA, architecture_of, legacy_config_keys
 from ..memory import MLX_SWA_SLACK
@@ -202,6 +204,10 @@ class MLXBackend(BackendBase):
             # biases and norms become float32. GPUs keep the model's own dtype.
             self._model.set_dtype(mx.float32)
         materialize(self._model)
+        from .mlx_vision import Gemma3Vision
+
+        self._vision = Gemma3Vision.load(path, config)
+        self._media: dict[int, tuple[object, int]] = {}  # key -> (media, n_tokens)
         self._n_ctx = n_ctx
         self._cache = make_prompt_cache(self._model)
         self._cached: list[int] = []
@@ -223,7 +229,11 @@ class MLXBackend(BackendBase):
             eos_id=int(tok.eos_token_id), end_of_turn_id=self._eot,
             device=str(mx.default_device()).split("(")[-1].split(",")[0].strip().lower(),
             threads=None, gpu_layers=0, sampling_defaults=_generation_config(path),
-            chat_template=_chat_template(path, tok))
+            chat_template=_chat_template(path, tok),
+            media=("image",) if self._vision is not None else ())
+        if self._vision is not None:
+            self._image_ids = (int(config.get("boi_token_index", 255999)),
+                               int(config.get("eoi_token_index", 256000)))
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -235,6 +245,36 @@ class MLXBackend(BackendBase):
 
     def detokenize(self, ids: Sequence[int], *, special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=not special)
+
+    # -- pictures (Gemma 3, mlx-vlm's encoder) -----------------------------------------------
+
+    def media_ids(self, media) -> list[int]:
+        if self._vision is None or media.kind != "image":
+            raise base.cannot_take(self.info, media)
+        n = self._vision.n_tokens
+        key = base.media_key(media.sha256, n)
+        self._media[key] = (media, n)
+        return [self._image_ids[0], *[key] * n, self._image_ids[1]]
+
+    def knows_media(self, token: int) -> bool:
+        return token in self._media
+
+    def _embeddings(self, ids: Sequence[int]):
+        """Input embeddings for ``ids``: the tokens' own, and each picture's features in its
+        places."""
+        keys = [t for t in dict.fromkeys(ids) if t < 0]
+        tokens = mx.array([max(t, 0) for t in ids])
+        embed = self._model.language_model.model.embed_tokens \
+            if hasattr(self._model, "language_model") else self._model.model.embed_tokens
+        out = embed(tokens)
+        positions = np.asarray(ids)
+        for key in keys:
+            features = self._vision.encode(self._media[key][0]).astype(out.dtype)
+            where = np.nonzero(positions == key)[0]
+            n = len(features)
+            for start in where[::n]:  # the same picture twice in a row: each whole
+                out[int(start):int(start) + n] = features
+        return out
 
     # -- the prompt cache -------------------------------------------------------------------
 
@@ -296,6 +336,8 @@ class MLXBackend(BackendBase):
         t_start = time.perf_counter()
         lcp = base.common_prefix(self._cached, ids)
         lcp = min(lcp, len(ids) - 1)  # at least one token to evaluate, for fresh logits
+        if self._media:  # a cache is never cut inside a picture
+            lcp = base.media_start(ids, lcp, {k: n for k, (_, n) in self._media.items()})
         note = self.trim_cache(lcp)
         reused = len(self._cached)
         stats = Stats(prompt_tokens=len(ids), prompt_eval_tokens=len(ids) - reused,
@@ -308,9 +350,11 @@ class MLXBackend(BackendBase):
         detok.reset()
         sampled: list[int] = []
         t_first = None
-        steps = generate_step(mx.array(ids[reused:]), self._model, max_tokens=limit,
-                              sampler=sampler, logits_processors=processors,
-                              prompt_cache=self._cache)
+        rest = ids[reused:]
+        media = {"input_embeddings": self._embeddings(rest)} if min(rest) < 0 else {}
+        steps = generate_step(mx.array([max(t, 0) for t in rest]), self._model,
+                              max_tokens=limit, sampler=sampler, logits_processors=processors,
+                              prompt_cache=self._cache, **media)
         stats.stop_reason = "length"
         try:
             for token, _ in steps:

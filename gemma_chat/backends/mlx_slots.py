@@ -57,6 +57,8 @@ class _Parked:
 class MlxSlotEngine(BatchingEngine):
     """``n_slots`` requests of an MLX model decoded together; see the module docstring."""
 
+    takes_media = False  # mlx-lm's batches take token ids only
+
     # A thread that has sampled with MLX and ends while the interpreter exits makes the process
     # abort ("terminate called without an active exception": MLX tears down its per-thread
     # state and needs the GIL then): the engine thread stays until the process ends.

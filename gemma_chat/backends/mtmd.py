@@ -112,7 +112,7 @@ class Projector:
         if media.kind == "image":
             pixels = media.pixels
             if self.square and self.image_size and pixels.shape[:2] != (self.image_size,) * 2:
-                pixels = _squash(pixels, self.image_size)
+                pixels = squash(pixels, self.image_size)
             h, w = pixels.shape[:2]
             data = np.ascontiguousarray(pixels, dtype=np.uint8)
             bitmap = mtmd.mtmd_bitmap_init(w, h, data.ctypes.data_as(
@@ -202,7 +202,7 @@ class Projector:
             pass
 
 
-def _squash(pixels: np.ndarray, size: int) -> np.ndarray:
+def squash(pixels: np.ndarray, size: int) -> np.ndarray:
     """Resize to ``size`` x ``size``, bilinear, as Gemma 3's processor does (no aspect ratio)."""
     from PIL import Image
 

@@ -23,6 +23,7 @@ place when complete.
 from __future__ import annotations
 
 import errno
+import os
 import platform
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from ..errors import InvalidArgument, InvalidModelFile, ModelNotFound
 from .checkpoint import Checkpoint
 from .gguf_mlx import gguf_to_mlx
 from .hf_gguf import write_gguf as _write_gemma_gguf
-from .mmproj import has_projector, mmproj_name, write_mmproj
+from .mmproj import has_projector, mmproj_name, write_mlx_vision, write_mmproj
 from .quantize import expected_size, quantize_gguf, quantize_mlx
 
 __all__ = ["Checkpoint", "Job", "Result", "Source", "default_target", "gguf_to_mlx", "locate",
@@ -268,8 +269,11 @@ def _to_mlx(job: Job, progress: Progress) -> None:
         ckpt.require_tokenizer()
         with tempfile.TemporaryDirectory(prefix=".convert-", dir=job.target.parent) as tmp:
             staged = stage_for_mlx(ckpt.folder, Path(tmp) / "src")
-            quantize_mlx(staged, job.target, entry.mlx_bits, entry.mlx_group_size,
-                         dtype=entry.mlx_dtype, progress=progress)
+            out = quantize_mlx(staged, Path(tmp) / "out", entry.mlx_bits,
+                               entry.mlx_group_size, dtype=entry.mlx_dtype, progress=progress)
+            if has_projector(ckpt):  # mlx-lm drops the image encoder: kept beside, unquantized
+                write_mlx_vision(ckpt, out, entry.mlx_dtype or "float16")
+            os.replace(out, job.target)
         return
     if entry.mlx_bits is None:
         gguf_to_mlx(job.source.path, job.target, entry.mlx_dtype, progress=progress)
@@ -298,6 +302,9 @@ def stage_for_mlx(folder: Path, staged: Path) -> Path:
     config.update(legacy_config_keys(config))
     if isinstance(config.get("text_config"), dict):
         config["text_config"].update(legacy_config_keys(config["text_config"]))
+        # mlx-lm's Gemma 3 takes the vocabulary size from the top level (262,208 if unsaid).
+        if "vocab_size" in config["text_config"]:
+            config.setdefault("vocab_size", config["text_config"]["vocab_size"])
     (staged / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return staged
 

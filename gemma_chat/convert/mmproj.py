@@ -15,14 +15,16 @@ position embeddings in F32, the input projection in F16, and the projector's RMS
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UnsupportedArchitecture
+from ..media import processor_settings
 from .checkpoint import Checkpoint
 from .hf_gguf import Progress, add_tensor_infos, write_file
+
+VISION_FILE = "vision.safetensors"  # an MLX folder's image encoder (mlx-vlm's names)
 
 #: The checkpoints whose image encoder can be written, by config ``model_type``.
 SUPPORTED = {"gemma3": "gemma3"}
@@ -32,6 +34,41 @@ _DEFAULT_MEAN_STD = [0.5, 0.5, 0.5]  # SigLIP's: pixels to [-1, 1]
 def has_projector(ckpt: Checkpoint) -> bool:
     """Whether the checkpoint carries an image encoder gemma convert writes."""
     return ckpt.model_type in SUPPORTED and bool(ckpt.config.get("vision_config"))
+
+
+def write_mlx_vision(ckpt: Checkpoint, folder: Path, dtype: str = "float16") -> Path:
+    """Add the checkpoint's vision tower and projector to an MLX folder whose text model
+    mlx-lm wrote (:mod:`gemma_chat.backends.mlx_vision`): the weights in mlx-vlm's names and
+    layouts (``vision.safetensors``), the vision settings mlx-lm leaves out of config.json,
+    and the processor's settings."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+
+    from ..backends.mlx_vision import vision_name
+
+    arrays = {}
+    for name, tensor in sorted(ckpt.all_tensors().items()):
+        new = vision_name(name)
+        if new is None:
+            continue
+        value = Checkpoint.read(tensor, np.float32)
+        if "patch_embedding.weight" in new and value.ndim == 4:
+            value = value.transpose(0, 2, 3, 1)  # PyTorch's conv layout to MLX's
+        arrays[new] = mx.array(value).astype(getattr(mx, dtype))
+    mx.save_safetensors(str(folder / VISION_FILE), arrays, metadata={"format": "mlx"})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("vision_config", "mm_tokens_per_image", "boi_token_index", "eoi_token_index",
+                "image_token_index"):
+        if key in ckpt.config:
+            config[key] = ckpt.config[key]
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (ckpt.folder / name).is_file():
+            shutil.copyfile(ckpt.folder / name, folder / name)
+    return folder
 
 
 def mmproj_name(model_file: Path) -> Path:
@@ -64,7 +101,7 @@ def write_mmproj(ckpt: Checkpoint, dst: Path, out_type: str = "f16", *,
     config = ckpt.config
     vision = config["vision_config"]
     n_embd_text = ckpt.hparams["hidden_size"]
-    processor = _processor_config(ckpt.folder)
+    processor = processor_settings(ckpt.folder)
     image_size, patch_size = int(vision["image_size"]), int(vision["patch_size"])
     tokens = int(config.get("mm_tokens_per_image") or processor.get("image_seq_length") or 256)
     per_side = int(round(tokens ** 0.5))
@@ -121,18 +158,3 @@ def write_mmproj(ckpt: Checkpoint, dst: Path, out_type: str = "f16", *,
     return write_file(writer, dst, out_type, total, progress,
                       [(n, lambda t=t, d=d, s=s: Checkpoint.read(t, d, s))
                        for n, t, _, d, s in plan])
-
-
-def _processor_config(folder: Path) -> dict:
-    """The image processor's settings (``preprocessor_config.json``, or the ``image_processor``
-    of ``processor_config.json``), empty when the folder has neither."""
-    merged: dict = {}
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        path = folder / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            merged.update(data.get("image_processor", data) if isinstance(data, dict) else {})
-    return merged
