@@ -140,3 +140,53 @@ def reference_logits(folder: Path, ids: list[int], pixels: np.ndarray,
         out = model(input_ids=input_ids, pixel_values=pixel_values(pixels),
                     token_type_ids=(input_ids == soft).long() if bidirectional else None)
     return out.logits[0].float().numpy()
+
+
+# -- Gemma 4: a vision tower and an audio conformer beside the dense text model -------------------
+
+def build_gemma4_vlm(folder: Path, *, vocab_gguf: Path, seed: int = 0) -> Path:
+    """A tiny ``gemma4`` checkpoint with pictures and sound (E2B/E4B-like), random weights,
+    Gemma 4's real vocabulary and token ids: the dense text shape of tests/tiny_gemma4.py, a
+    one-layer vision tower (16-pixel patches pooled 3x3, 2-D positions up to 128 patches a
+    side) and a one-layer audio conformer (128 mel bins). Picture tokens see each other in the
+    sliding-window layers (``use_bidirectional_attention="vision"``), which is what llama.cpp
+    does for every Gemma 4 whose width is not E2B's or E4B's."""
+    import torch
+    from tiny_gemma4 import SHAPES as TEXT_SHAPES
+    from tiny_gemma4 import gemma4_tokenizer
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
+
+    folder = Path(folder)
+    gemma4_tokenizer(vocab_gguf, folder)
+    text = Gemma4TextConfig(**{**TEXT_SHAPES["dense"], "use_bidirectional_attention": "vision"})
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                position_embedding_size=128)
+    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              subsampling_conv_channels=[128, 4], output_proj_dims=32)
+    config = Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                          audio_config=audio.to_dict())
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + torch.randn_like(param) * 0.2)
+            elif param.dim() > 1:
+                param.normal_(0.0, 0.05)
+    model.save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    for key in ("global_head_dim", "num_global_key_value_heads", "final_logit_softcapping"):
+        data["text_config"][key] = TEXT_SHAPES["dense"][key]
+    (folder / "config.json").write_text(json.dumps(data, indent=2))
+    processor = {"image_processor_type": "Gemma4ImageProcessor", "image_mean": [0.0] * 3,
+                 "image_std": [1.0] * 3, "patch_size": 16, "pooling_kernel_size": 3,
+                 "max_soft_tokens": 280}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    return folder

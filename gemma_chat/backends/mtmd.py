@@ -40,6 +40,10 @@ except ImportError:  # pragma: no cover - where the extra is missing
 #: tokens and Gemma 4's default budget 280, each decoded in one ubatch.
 MEDIA_UBATCH = 512
 
+#: Gemma 4's picture budget in tokens (its processor offers 70, 140, 280, 560 and 1120; 280 is
+#: its default). Pictures with small print read better at 560 or 1120.
+IMAGE_TOKENS = 280
+
 #: The marker that stands for a medium in the text given to mtmd: never in user text, because
 #: only the medium itself is ever tokenized with it.
 _MARKER = b"<__gemma_chat_media__>"
@@ -87,6 +91,8 @@ class Projector:
         params.print_timings = verbose
         params.warmup = False
         params.media_marker = _MARKER
+        # Gemma 4 sizes a picture to a token budget: Hugging Face's processor's default.
+        params.image_max_tokens = IMAGE_TOKENS
         self.path = Path(path)
         self._ctx = mtmd.mtmd_init_from_file(str(path).encode(), model, params)
         if not self._ctx:
@@ -96,6 +102,7 @@ class Projector:
                                            ("audio", mtmd.mtmd_support_audio(self._ctx))) if ok)
         self.sample_rate = int(mtmd.mtmd_get_audio_sample_rate(self._ctx))
         self.image_size = projector_image_size(self.path)
+        self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model))  # what a medium becomes
         self.square = self._squashes()
         self._pieces: dict[str, Piece] = {}
 
@@ -186,6 +193,24 @@ class Projector:
                     raise BackendError(f"llama.cpp failed to encode {media.describe()} "
                                        f"(error {rc})")
                 return int(new_past.value)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        raise BackendError(f"llama.cpp made no embeddings of {media.describe()}")
+
+    def embeddings(self, media: Media) -> np.ndarray:
+        """The medium's embeddings as the text model receives them: (n_tokens, width)."""
+        chunks = self._chunks(media)
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    continue
+                if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                    raise BackendError(f"llama.cpp failed to encode {media.describe()}")
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                out = mtmd.mtmd_get_output_embd(self._ctx)
+                flat = np.ctypeslib.as_array(out, shape=(n * self.n_embd,))
+                return flat.reshape(n, self.n_embd).copy()
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
         raise BackendError(f"llama.cpp made no embeddings of {media.describe()}")

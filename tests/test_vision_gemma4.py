@@ -1,0 +1,169 @@
+"""Gemma 4 pictures and sound on llama.cpp: a tiny Gemma 4 with a vision tower and an audio
+conformer (tests/tiny_vlm.py, the real Gemma 4 vocabulary) converted by `gemma convert` to a
+model GGUF and a projector GGUF with both encoders, checked against transformers (the
+embeddings a picture and a sound clip become, and the logits of a prompt with a picture), then
+through `gemma run --image --audio` and a chat that keeps both in its KV cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+pytestmark = pytest.mark.slow
+pytest.importorskip("llama_cpp")
+
+from conftest import run_gemma  # noqa: E402
+from PIL import Image  # noqa: E402
+from tiny_vlm import build_gemma4_vlm  # noqa: E402
+
+from gemma_chat import media  # noqa: E402
+from gemma_chat.backends.base import SamplingParams, collect, common_prefix  # noqa: E402
+from gemma_chat.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from gemma_chat.chat import Conversation  # noqa: E402
+from gemma_chat.gguf_file import read_gguf  # noqa: E402
+from gemma_chat.prompt import PromptBuilder, media_content  # noqa: E402
+from gemma_chat.resolve import ResolvedModel, find_projector  # noqa: E402
+
+IMAGE_TOKEN, AUDIO_TOKEN = 258880, 258881  # Gemma 4's soft tokens, as transformers counts them
+
+
+@pytest.fixture(scope="module")
+def g4(tmp_path_factory):
+    from gemma4_data import vocab_gguf
+
+    root = tmp_path_factory.mktemp("g4vlm")
+    folder = build_gemma4_vlm(root / "tiny-gemma4-vlm", vocab_gguf=vocab_gguf())
+    models = {}
+    for quant in ("f32", "f16"):
+        out = root / quant / f"tiny-gemma4-vlm-{quant}.gguf"
+        result = run_gemma("convert", str(folder), "--to", "gguf", "--quant", quant, "--out",
+                           str(out), timeout=600)
+        assert result.returncode == 0, result.stderr
+        models[quant] = out
+    # A picture already at the size the processor gives it (768 px: 48x48 patches, 256
+    # tokens at the default budget), so that neither side resizes it.
+    rng = np.random.default_rng(0)
+    picture = root / "noise.png"
+    Image.fromarray((rng.random((768, 768, 3)) * 255).astype(np.uint8)).save(picture)
+    import soundfile
+
+    t = np.arange(2 * 22_050) / 22_050
+    sound = root / "tone.wav"
+    soundfile.write(sound, 0.3 * np.sin(2 * np.pi * 300 * t) * np.exp(-t), 22_050)
+    backend = LlamaCppBackend(ResolvedModel("tiny-gemma4-vlm", models["f32"], "gguf", "path"),
+                              n_ctx=1024)
+    yield SimpleNamespace(folder=folder, models=models, picture=picture, sound=sound,
+                          backend=backend)
+    backend.close()
+
+
+def hf_model(folder: Path):
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    return Gemma4ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_the_projector_holds_both_encoders(g4):
+    for quant, wide in (("f32", "F32"), ("f16", "F16")):
+        projector = find_projector(g4.models[quant])
+        info = read_gguf(projector)
+        meta = info.metadata
+        assert meta["clip.vision.projector_type"] == "gemma4v"
+        assert meta["clip.audio.projector_type"] == "gemma4a"
+        assert meta["clip.has_vision_encoder"] and meta["clip.has_audio_encoder"]
+        assert meta["clip.vision.projection_dim"] == meta["clip.audio.projection_dim"] == 64
+        assert meta["clip.audio.num_mel_bins"] == 128 and meta["clip.use_gelu"]
+        assert {"v.patch_embd.weight", "v.position_embd.weight", "mm.input_projection.weight",
+                "a.conv1d.0.weight", "a.blk.0.per_dim_scale.weight", "a.blk.0.conv_dw.weight",
+                "mm.a.input_projection.weight"} <= set(info.tensors)
+        types = info.tensor_types
+        assert types.get(wide, 0) > 0 and types.get("F32", 0) > 0
+    shown = run_gemma("show", str(g4.models["f32"]))
+    assert "takes image and audio" in shown.stdout, shown.stdout
+
+
+def test_picture_and_sound_become_what_transformers_makes(g4):
+    """The embeddings llama.cpp decodes for a picture and a sound clip against transformers'
+    (its own processor and feature extractor): relative error under 1% (seen: about 1e-3)."""
+    import torch
+    from transformers import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    model = hf_model(g4.folder)
+    picture, sound = media.load(str(g4.picture)), media.load(str(g4.sound))
+    projector = g4.backend._projector_for(picture)
+    pixels = Gemma4ImageProcessorPil(max_soft_tokens=280)(Image.open(g4.picture),
+                                                          return_tensors="pt")
+    features = Gemma4AudioFeatureExtractor()([sound.samples], sampling_rate=16_000,
+                                             return_tensors="pt")
+    with torch.no_grad():
+        image = model.model.get_image_features(pixels["pixel_values"],
+                                               pixels["image_position_ids"]).pooler_output
+        audio = model.model.get_audio_features(features["input_features"],
+                                               features["input_features_mask"]).pooler_output
+    figures = []
+    for name, ref, ours in (("picture", image, projector.embeddings(picture)),
+                            ("sound", audio, projector.embeddings(sound))):
+        ref = ref[0] if isinstance(ref, (list, tuple)) else ref  # one per picture
+        ref = ref.reshape(-1, ref.shape[-1]).numpy()
+        assert ref.shape == ours.shape, (name, ref.shape, ours.shape)
+        rel = float(np.linalg.norm(ref - ours) / np.linalg.norm(ref))
+        figures.append(f"{name}: {len(ours)} tokens, relative error {rel:.1e}")
+        assert rel < 1e-2, figures[-1]
+    assert len(projector.embeddings(sound)) == 50  # 2 s at 25 tokens a second
+    print("; ".join(figures))
+
+
+def test_a_prompt_with_a_picture_gives_transformers_logits(g4):
+    import torch
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    backend = g4.backend
+    picture = media.load(str(g4.picture))
+    ids = PromptBuilder(backend).chat([{"role": "user",
+                                        "content": media_content([picture], "Describe it.")}])
+    reference_ids = [IMAGE_TOKEN if t < 0 else t for t in ids]
+    assert reference_ids.count(IMAGE_TOKEN) == 256
+    collect(backend.stream(ids, SamplingParams(temperature=0, max_tokens=1)))
+    ours = backend._logits_view().copy()
+    pixels = Gemma4ImageProcessorPil(max_soft_tokens=280)(Image.open(g4.picture),
+                                                          return_tensors="pt")
+    input_ids = torch.tensor([reference_ids])
+    with torch.no_grad():
+        out = hf_model(g4.folder)(input_ids=input_ids, pixel_values=pixels["pixel_values"],
+                                  image_position_ids=pixels["image_position_ids"],
+                                  mm_token_type_ids=(input_ids == IMAGE_TOKEN).long())
+    ref = out.logits[0, -1].numpy()
+    err, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
+    print(f"last-position logits: max |diff| {err:.2e} of max |logit| {scale:.2f}")
+    assert err < 0.02 * scale
+    assert int(ours.argmax()) == int(ref.argmax())
+
+
+def test_gemma_run_and_a_chat_with_picture_and_sound(g4, tmp_path):
+    result = run_gemma("run", "-m", str(g4.models["f16"]), "--chat", "--image", str(g4.picture),
+                       "--audio", str(g4.sound), "What do you see and hear?", "--temp", "0",
+                       "-n", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "tone.wav: resampled from 22050 Hz to 16000 Hz" in result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["prompt_tokens"] > 256 + 50 and stats["generated_tokens"] >= 1
+
+    backend = g4.backend
+    convo = Conversation(backend)
+    sound, picture = media.load(str(g4.sound)), media.load(str(g4.picture))
+    collect(convo.send("What is this?", SamplingParams(temperature=0, max_tokens=3),
+                       media=[picture, sound]))
+    prompt = convo.ids_for(convo.exchanges, "And now?")
+    held = common_prefix(backend.cached_tokens, prompt)
+    assert held > max(i for i, t in enumerate(prompt) if t < 0)  # both still in the cache
+    collect(convo.send("And now?", SamplingParams(temperature=0, max_tokens=3)))
+    assert convo.last_stats.prompt_eval_tokens == len(prompt) - held < 40
