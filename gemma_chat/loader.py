@@ -26,6 +26,7 @@ class LoadOptions:
     n_ctx: int | None = None
     threads: int | None = None
     gpu_layers: int | None = None
+    image_tokens: int | None = None  # Gemma 4's picture budget (llama.cpp)
     verbose: bool = False
 
     def kwargs(self) -> dict[str, object]:

@@ -119,6 +119,33 @@ def test_picture_and_sound_become_what_transformers_makes(g4):
         figures.append(f"{name}: {len(ours)} tokens, relative error {rel:.1e}")
         assert rel < 1e-2, figures[-1]
     assert len(projector.embeddings(sound)) == 50  # 2 s at 25 tokens a second
+
+    # Other shapes and budgets: sized as the processor sizes them (small ones enlarged).
+    from gemma_chat.backends.mtmd import Projector
+
+    odd = Image.fromarray((np.random.default_rng(1).random((130, 300, 3)) * 255)
+                          .astype(np.uint8))
+    path = g4.picture.with_name("odd.png")
+    odd.save(path)
+    item = media.load(str(path))
+    for budget in (70, 560):
+        other = Projector(projector.path, g4.backend._llm._model.model, threads=2,
+                          use_gpu=False, image_tokens=budget)
+        try:
+            processed = Gemma4ImageProcessorPil(max_soft_tokens=budget)(odd, return_tensors="pt")
+            with torch.no_grad():
+                ref = model.model.get_image_features(processed["pixel_values"],
+                                                     processed["image_position_ids"])
+            ref = ref.pooler_output
+            ref = (ref[0] if isinstance(ref, (list, tuple)) else ref)
+            ref = ref.reshape(-1, ref.shape[-1]).numpy()
+            ours = other.embeddings(item)
+            assert len(ours) == int(processed["num_soft_tokens_per_image"][0]) == len(ref)
+            rel = float(np.linalg.norm(ref - ours) / np.linalg.norm(ref))
+            figures.append(f"300x130 at {budget}: {len(ours)} tokens, relative error {rel:.1e}")
+            assert rel < 2e-2, figures[-1]
+        finally:
+            other.close()
     print("; ".join(figures))
 
 
@@ -167,3 +194,66 @@ def test_gemma_run_and_a_chat_with_picture_and_sound(g4, tmp_path):
     assert held > max(i for i, t in enumerate(prompt) if t < 0)  # both still in the cache
     collect(convo.send("And now?", SamplingParams(temperature=0, max_tokens=3)))
     assert convo.last_stats.prompt_eval_tokens == len(prompt) - held < 40
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """A real spoken clip: espeak-ng's voice saying a sentence (22,050 Hz WAV)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "What colour is the sky today?"], check=True,
+                   timeout=60)
+    return path
+
+
+def test_a_spoken_clip_through_the_server(g4, speech):
+    """espeak-ng's speech as transformers hears it (the same token count and embeddings), then
+    sent by the openai client as an input_audio part, beside a picture, to parallel slots."""
+    import base64
+
+    import openai
+    import torch
+    from conftest import serving
+    from transformers import Gemma4AudioFeatureExtractor
+
+    from gemma_chat.backends.slots import SlotEngine
+    from gemma_chat.server import create_app
+
+    clip = media.load(str(speech))
+    assert clip.note == "resampled from 22050 Hz to 16000 Hz" and 1.0 < clip.seconds < 4.0
+    features = Gemma4AudioFeatureExtractor()([clip.samples], sampling_rate=16_000,
+                                             return_tensors="pt")
+    with torch.no_grad():
+        ref = hf_model(g4.folder).model.get_audio_features(
+            features["input_features"], features["input_features_mask"]).pooler_output
+    ref = ref.reshape(-1, ref.shape[-1]).numpy()
+    ours = g4.backend._projector_for(clip).embeddings(clip)
+    assert ours.shape == ref.shape
+    assert np.linalg.norm(ref - ours) / np.linalg.norm(ref) < 1e-2
+
+    backend = LlamaCppBackend(ResolvedModel("tiny-gemma4-vlm", g4.models["f16"], "gguf",
+                                            "path"), n_ctx=1024)
+    backend.release_context()
+    engine = SlotEngine(backend, 2)
+    try:
+        with serving(create_app(backend, [backend.info.name], engine=engine)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+            picture = base64.b64encode(g4.picture.read_bytes()).decode()
+            reply = client.chat.completions.create(
+                model=backend.info.name, temperature=0, max_tokens=3, messages=[
+                    {"role": "user", "content": [
+                        {"type": "input_audio", "input_audio": {
+                            "data": base64.b64encode(speech.read_bytes()).decode(),
+                            "format": "wav"}},
+                        {"type": "image_url",
+                         "image_url": {"url": f"data:image/png;base64,{picture}"}},
+                        {"type": "text", "text": "Answer the question you hear."}]}])
+            assert reply.choices[0].finish_reason in ("stop", "length")
+            assert reply.usage.prompt_tokens > len(ours) + 256
+    finally:
+        engine.close()
+        backend.close()

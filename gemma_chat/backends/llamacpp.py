@@ -100,6 +100,7 @@ class LlamaCppBackend(BackendBase):
         n_batch: int = 512,
         flash_attn: bool = True,
         swa_full: bool = False,
+        image_tokens: int | None = None,
         verbose: bool = False,
     ):
         if llama_cpp is None:
@@ -126,13 +127,18 @@ class LlamaCppBackend(BackendBase):
         self.repack = repack.prepare()
         self.notes = [self.repack.note] if self.repack.note else []
         from ..resolve import find_projector
-        from .mtmd import MEDIA_UBATCH, projector_kinds
+        from .mtmd import IMAGE_BUDGETS, IMAGE_TOKENS, MEDIA_UBATCH, projector_kinds
 
+        if image_tokens is not None and image_tokens not in IMAGE_BUDGETS:
+            raise InvalidArgument(f"invalid --image-tokens {image_tokens}: Gemma 4 takes "
+                                  f"{', '.join(map(str, IMAGE_BUDGETS))}")
+        self._image_tokens = image_tokens or IMAGE_TOKENS
         self._projector_path = find_projector(path)
         kinds = projector_kinds(self._projector_path) if self._projector_path else ()
         if kinds:
             # A picture is decoded in one ubatch (bidirectional attention over it).
-            n_batch = max(n_batch, MEDIA_UBATCH)
+            n_batch = max(n_batch, MEDIA_UBATCH, self._image_tokens)
+        self._media_kinds = kinds
         self._projector = None
         self._media: dict[int, tuple[object, int]] = {}  # key -> (media, n_tokens)
         try:
@@ -347,7 +353,8 @@ class LlamaCppBackend(BackendBase):
             from .mtmd import Projector
 
             self._projector = Projector(self._projector_path, self._llm._model.model,
-                                        threads=self.info.threads or 1, use_gpu=self._offload)
+                                        threads=self.info.threads or 1, use_gpu=self._offload,
+                                        image_tokens=self._image_tokens)
         return self._projector
 
     def media_ids(self, media) -> list[int]:
@@ -358,6 +365,13 @@ class LlamaCppBackend(BackendBase):
 
     def knows_media(self, token: int) -> bool:
         return token in self._media
+
+    @property
+    def media_ubatch(self) -> int:
+        """The ubatch a context needs for this model's pictures (0: it takes none)."""
+        from .mtmd import MEDIA_UBATCH
+
+        return max(MEDIA_UBATCH, self._image_tokens) if self._media_kinds else 0
 
     def media_lengths(self) -> dict[int, int]:
         """The number of positions of each medium, by its key."""

@@ -21,6 +21,7 @@ keep the aspect ratio and pad, so pictures are resized here first, as the proces
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ MEDIA_UBATCH = 512
 #: Gemma 4's picture budget in tokens (its processor offers 70, 140, 280, 560 and 1120; 280 is
 #: its default). Pictures with small print read better at 560 or 1120.
 IMAGE_TOKENS = 280
+IMAGE_BUDGETS = (70, 140, 280, 560, 1120)
 
 #: The marker that stands for a medium in the text given to mtmd: never in user text, because
 #: only the medium itself is ever tokenized with it.
@@ -81,7 +83,8 @@ def projector_image_size(path: Path) -> int:
 class Projector:
     """An mtmd context on a projector GGUF, bound to one loaded llama.cpp model."""
 
-    def __init__(self, path: Path, model, *, threads: int, use_gpu: bool, verbose: bool = False):
+    def __init__(self, path: Path, model, *, threads: int, use_gpu: bool, verbose: bool = False,
+                 image_tokens: int = IMAGE_TOKENS):
         if mtmd is None:
             raise BackendError("this llama-cpp-python has no multimodal library (mtmd)")
         _quiet(verbose)
@@ -92,7 +95,10 @@ class Projector:
         params.warmup = False
         params.media_marker = _MARKER
         # Gemma 4 sizes a picture to a token budget: Hugging Face's processor's default.
-        params.image_max_tokens = IMAGE_TOKENS
+        params.image_max_tokens = image_tokens
+        # No minimum of its own: pictures come sized as the processor sizes them, which may
+        # be under llama.cpp's default floor of 70 tokens for a long, thin one.
+        params.image_min_tokens = 1
         self.path = Path(path)
         self._ctx = mtmd.mtmd_init_from_file(str(path).encode(), model, params)
         if not self._ctx:
@@ -102,16 +108,19 @@ class Projector:
                                            ("audio", mtmd.mtmd_support_audio(self._ctx))) if ok)
         self.sample_rate = int(mtmd.mtmd_get_audio_sample_rate(self._ctx))
         self.image_size = projector_image_size(self.path)
+        self.image_tokens = image_tokens
         self.n_embd = int(llama_cpp.llama_model_n_embd_inp(model))  # what a medium becomes
-        self.square = self._squashes()
+        kind = self._projector_type()
+        self.square = kind in ("gemma3", "gemma3nv")  # a fixed square input (Gemma 3, 3n)
+        self.budgeted = kind == "gemma4v"  # a token budget (Gemma 4)
         self._pieces: dict[str, Piece] = {}
 
-    def _squashes(self) -> bool:
-        """Whether the model sees a fixed square (Gemma 3, 3n), as opposed to a budget."""
+    def _projector_type(self) -> str:
         from ..gguf_file import read_gguf
 
-        kind = str(read_gguf(self.path).metadata.get("clip.projector_type") or "")
-        return kind in ("gemma3", "gemma3nv")
+        meta = read_gguf(self.path).metadata
+        return str(meta.get("clip.projector_type") or meta.get("clip.vision.projector_type")
+                   or "")
 
     # -- one medium ----------------------------------------------------------------------
 
@@ -120,6 +129,8 @@ class Projector:
             pixels = media.pixels
             if self.square and self.image_size and pixels.shape[:2] != (self.image_size,) * 2:
                 pixels = squash(pixels, self.image_size)
+            elif self.budgeted:  # Gemma 4: to the budget as its processor sizes it
+                pixels = fit_budget(pixels, self.image_tokens)
             h, w = pixels.shape[:2]
             data = np.ascontiguousarray(pixels, dtype=np.uint8)
             bitmap = mtmd.mtmd_bitmap_init(w, h, data.ctypes.data_as(
@@ -225,6 +236,36 @@ class Projector:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def budget_size(height: int, width: int, tokens: int, patch: int = 16,
+                pool: int = 3) -> tuple[int, int]:
+    """(height, width) Gemma 4's processor gives a picture for a budget of ``tokens``: the
+    largest with the same aspect ratio, sides in multiples of ``pool * patch`` (48 px), and at
+    most ``tokens`` pooled patches (small pictures are enlarged)."""
+    max_patches = tokens * pool * pool
+    factor = math.sqrt(max_patches * patch * patch / (height * width))
+    side = pool * patch
+    h, w = int(factor * height / side) * side, int(factor * width / side) * side
+    longest = (max_patches // pool ** 2) * side
+    if h == 0 and w == 0:
+        raise MediaError(f"a {width}x{height} picture is too small to see")
+    if h == 0:
+        h, w = side, min(int(width / height) * side, longest)
+    elif w == 0:
+        h, w = min(int(height / width) * side, longest), side
+    return h, w
+
+
+def fit_budget(pixels: np.ndarray, tokens: int) -> np.ndarray:
+    """Resize to :func:`budget_size`, bicubic, as Gemma 4's processor does."""
+    from PIL import Image
+
+    h, w = budget_size(pixels.shape[0], pixels.shape[1], tokens)
+    if (h, w) == pixels.shape[:2]:
+        return pixels
+    image = Image.fromarray(pixels).resize((w, h), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def squash(pixels: np.ndarray, size: int) -> np.ndarray:

@@ -82,7 +82,8 @@ class SlotEngine(BatchingEngine):
         info = backend.info
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx * n_slots
-        params.n_batch = params.n_ubatch = n_batch
+        # A picture is decoded in one ubatch: as large as the backend's own context has.
+        params.n_batch = params.n_ubatch = max(n_batch, backend.media_ubatch)
         params.n_seq_max = n_slots
         params.n_threads = params.n_threads_batch = info.threads or 1
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED

@@ -48,6 +48,9 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a catalogue 
 ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", help="A picture to send with the prompt (a path or URL; again for more). "
                     "Models with a projector file see them: Gemma 3 4B and up, 3n, 4.")]
+ImageTokensOpt = Annotated[int | None, typer.Option(
+    "--image-tokens", help="Gemma 4: tokens a picture may take (70, 140, 280, 560 or 1120; "
+                           "default 280). More reads small print better, and costs time.")]
 AudioOpt = Annotated[list[str] | None, typer.Option(
     "--audio", help="A sound clip (wav, flac, ogg, mp3; at most 30 s) to send with the prompt "
                     "(again for more). Gemma 4 E2B and E4B hear.")]
@@ -117,7 +120,7 @@ def pull_policy(yes: bool, quiet: bool = False):
 
 
 def load(model: str, backend: str, ctx: int | None, threads: int | None, spinner: bool,
-         yes: bool = False):
+         yes: bool = False, image_tokens: int | None = None):
     """Find (pulling on first use, as the user allows) and load a model: an OpenModel. A
     spinner on stderr while it loads, when asked and on a terminal."""
     from .. import loader
@@ -129,7 +132,7 @@ def load(model: str, backend: str, ctx: int | None, threads: int | None, spinner
         warning = load_warning(resolved.path, ctx)
         if warning:
             stderr().print(f"[yellow]warning: {escape(warning)}[/yellow]")
-    options = loader.LoadOptions(n_ctx=ctx, threads=threads,
+    options = loader.LoadOptions(n_ctx=ctx, threads=threads, image_tokens=image_tokens,
                                  verbose=bool(os.environ.get("GEMMA_DEBUG")))
     from .supervise import note_model
 

@@ -18,6 +18,7 @@ from .common import (
     CtxOpt,
     HideThinkingOpt,
     ImageOpt,
+    ImageTokensOpt,
     MaxTokOpt,
     MinPOpt,
     ModelOpt,
@@ -80,6 +81,7 @@ def run(
     tool_choice: ToolChoiceOpt = "auto",
     image: ImageOpt = None,
     audio: AudioOpt = None,
+    image_tokens: ImageTokensOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
                                           "to stderr.")] = False,
     yes: YesOpt = False,
@@ -103,7 +105,8 @@ def run(
     for item in media:
         if item.note:
             dim(f"{item.name}: {item.note}")
-    with load(model, backend, ctx, threads, spinner=False, yes=yes) as opened:
+    with load(model, backend, ctx, threads, spinner=False, yes=yes,
+              image_tokens=image_tokens) as opened:
         use_chat = chat or (opened.resolved.instruction_tuned and not raw)
         prompts = gen.PromptBuilder(opened.backend)
         thinking = gen.thinking_mode(prompts, think, chat=use_chat)
@@ -230,6 +233,7 @@ def chat(
                                               "the conversation history.")] = False,
     tools_file: ToolsOpt = None,
     tool_choice: ToolChoiceOpt = "auto",
+    image_tokens: ImageTokensOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Chat with a model: replies stream as they are generated."""
@@ -253,7 +257,8 @@ def chat(
     if model is None:
         model, why = default_chat_model()
         dim(f"using {model} ({why})")
-    opened = load(model, backend, ctx, threads, spinner=True, yes=yes)
+    opened = load(model, backend, ctx, threads, spinner=True, yes=yes,
+                  image_tokens=image_tokens)
     try:
         info = opened.backend.info
         dim(f"{info.name}: {info.architecture}, {info.quantization}, {info.backend} on "

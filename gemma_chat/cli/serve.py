@@ -7,7 +7,7 @@ from typing import Annotated
 import click
 import typer
 
-from .common import BackendOpt, CtxOpt, ModelOpt, ThreadsOpt, app, load, stderr
+from .common import BackendOpt, CtxOpt, ImageTokensOpt, ModelOpt, ThreadsOpt, app, load, stderr
 
 
 @app.command()
@@ -34,19 +34,22 @@ def serve(
         "--allow-remote-media", help="Fetch http(s) image URLs that requests name (off: only "
                                      "data: URLs, so that a request cannot make the server "
                                      "fetch arbitrary URLs).")] = False,
+    image_tokens: ImageTokensOpt = None,
 ) -> None:
     """Serve the model over OpenAI's (/v1/...) and Ollama's (/api/...) HTTP APIs."""
     from ..server import create_app
 
     if not 0 < port < 65536:
         raise click.UsageError(f"invalid port {port}")
-    with load(model, backend, ctx, threads, spinner=True) as opened:
+    with load(model, backend, ctx, threads, spinner=True, image_tokens=image_tokens) as opened:
         info, spec = opened.backend.info, opened.resolved.spec
         names = [info.name]
         if spec is not None:
             names += [spec.name, *spec.aliases]
         names.append(model)
         slots = parallel if parallel is not None else default_parallel(info)
+        if parallel is None and info.backend == "mlx" and info.media and slots > 1:
+            slots = 1  # mlx-lm's batches take token ids only: pictures need one at a time
         engine = parallel_engine(opened.backend, slots, max_queue) if slots > 1 else None
         if engine is not None:
             how = (f"{slots} requests at once, in parallel slots of {engine.n_ctx:,} tokens "
