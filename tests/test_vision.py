@@ -109,7 +109,8 @@ def test_the_projector_gguf_is_llama_cpps(vlm):
     # The model GGUF is the text model alone.
     assert not any(n.startswith(("v.", "mm.")) for n in read_gguf(vlm.models["f32"]).tensors)
     shown = run_gemma("show", str(vlm.models["f32"]))
-    assert f"projector      {projector.name}: takes image" in shown.stdout, shown.stdout
+    assert f"projector      {projector.name}: takes pictures (4 tokens each)" in shown.stdout, \
+        shown.stdout
     assert "projector 505" in shown.stdout or ", projector " in shown.stdout
 
 
@@ -338,6 +339,20 @@ def test_serve_takes_pictures_from_the_openai_client(vlm):
             streamed = "".join(c.choices[0].delta.content or "" for c in ask("green", True)
                                if c.choices)
             assert streamed == "green"
+
+            # Ollama's own client: a picture path in `images` (it sends the file as base64).
+            import ollama
+
+            olla = ollama.Client(host=url)
+            said = olla.chat(model=backend.info.name, options={"temperature": 0,
+                                                               "num_predict": 4},
+                             messages=[{"role": "user", "content": QUESTION,
+                                        "images": [str(vlm.pictures["yellow"])]}])
+            assert said.message.content == "yellow"
+            pieces = [p.response for p in olla.generate(
+                model=backend.info.name, prompt=QUESTION, images=[str(vlm.pictures["red"])],
+                options={"temperature": 0, "num_predict": 4}, stream=True)]
+            assert "".join(pieces) == "red"
 
             # A follow-up that repeats the conversation reuses the picture's cache.
             first = ask("blue")

@@ -87,7 +87,8 @@ def test_the_projector_holds_both_encoders(g4):
         types = info.tensor_types
         assert types.get(wide, 0) > 0 and types.get("F32", 0) > 0
     shown = run_gemma("show", str(g4.models["f32"]))
-    assert "takes image and audio" in shown.stdout, shown.stdout
+    assert "takes pictures (up to 280 tokens each; --image-tokens) and sound (25 tokens a " \
+        "second, 30 s a clip)" in shown.stdout, shown.stdout
 
 
 def test_picture_and_sound_become_what_transformers_makes(g4):

@@ -74,6 +74,29 @@ def projector_kinds(path: Path) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def describe_projector(path: Path) -> str:
+    """What a projector takes and what that costs in context, for ``gemma show``."""
+    from ..gguf_file import read_gguf
+
+    meta = read_gguf(path).metadata
+    kind = str(meta.get("clip.projector_type") or meta.get("clip.vision.projector_type") or "")
+    parts = []
+    if meta.get("clip.has_vision_encoder"):
+        if kind == "gemma4v":
+            parts.append(f"pictures (up to {IMAGE_TOKENS} tokens each; --image-tokens)")
+        else:
+            size, patch = meta.get("clip.vision.image_size"), meta.get("clip.vision.patch_size")
+            scale = meta.get("clip.vision.projector.scale_factor") or 4
+            if kind == "gemma3" and size and patch:
+                parts.append(f"pictures ({(int(size) // int(patch) // int(scale)) ** 2} tokens "
+                             "each)")
+            else:
+                parts.append("pictures")
+    if meta.get("clip.has_audio_encoder"):
+        parts.append("sound (25 tokens a second, 30 s a clip)")
+    return " and ".join(parts) or "nothing it can read"
+
+
 def projector_image_size(path: Path) -> int:
     from ..gguf_file import read_gguf
 

@@ -102,7 +102,7 @@ def show(
                          f"parameters in the file")
             shape, shape_arch = memory.shape_from_gguf(info)
             est = memory.estimate(shape, shape_arch, info.file_size, ctx)
-            from ..backends.mtmd import projector_kinds
+            from ..backends.mtmd import describe_projector
             from ..resolve import find_projector
 
             projector = find_projector(local.path)
@@ -112,9 +112,8 @@ def show(
                          f"{memory.human(est.kv_cache)}"
                          + (f", projector {memory.human(extra)})" if extra else ")"))
             if projector is not None:
-                kinds = projector_kinds(projector)
                 lines.append(f"projector      {projector.name}: takes "
-                             f"{' and '.join(kinds) or 'nothing it can read'}")
+                             f"{describe_projector(projector)}")
             repacking = repack_summary()
             if repacking:
                 lines.append(f"repacking      {repacking}")
