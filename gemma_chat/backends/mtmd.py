@@ -20,6 +20,7 @@ keep the aspect ratio and pad, so pictures are resized here first, as the proces
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import sys
@@ -210,44 +211,40 @@ class Projector:
         piece = self._pieces[media.sha256] = Piece(tuple(before), n_tokens, tuple(after))
         return piece
 
+    @contextlib.contextmanager
+    def _media_chunk(self, media: Media):
+        """mtmd's chunk of the medium itself (freed on leaving)."""
+        chunks = self._chunks(media)
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    yield chunk
+                    return
+            raise BackendError(f"llama.cpp made no embeddings of {media.describe()}")
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
     def evaluate(self, llama_ctx, media: Media, n_past: int, seq_id: int, n_batch: int) -> int:
         """Encode ``media`` and decode its embeddings at position ``n_past`` of ``seq_id``;
         return the position after it."""
-        chunks = self._chunks(media)
-        try:
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    continue
-                new_past = llama_cpp.llama_pos(n_past)
-                rc = mtmd.mtmd_helper_eval_chunk_single(self._ctx, llama_ctx, chunk, n_past,
-                                                        seq_id, n_batch, False,
-                                                        ctypes.byref(new_past))
-                if rc != 0:
-                    raise BackendError(f"llama.cpp failed to encode {media.describe()} "
-                                       f"(error {rc})")
-                return int(new_past.value)
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-        raise BackendError(f"llama.cpp made no embeddings of {media.describe()}")
+        with self._media_chunk(media) as chunk:
+            new_past = llama_cpp.llama_pos(n_past)
+            rc = mtmd.mtmd_helper_eval_chunk_single(self._ctx, llama_ctx, chunk, n_past, seq_id,
+                                                    n_batch, False, ctypes.byref(new_past))
+            if rc != 0:
+                raise BackendError(f"llama.cpp failed to encode {media.describe()} (error {rc})")
+            return int(new_past.value)
 
     def embeddings(self, media: Media) -> np.ndarray:
         """The medium's embeddings as the text model receives them: (n_tokens, width)."""
-        chunks = self._chunks(media)
-        try:
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    continue
-                if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
-                    raise BackendError(f"llama.cpp failed to encode {media.describe()}")
-                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                out = mtmd.mtmd_get_output_embd(self._ctx)
-                flat = np.ctypeslib.as_array(out, shape=(n * self.n_embd,))
-                return flat.reshape(n, self.n_embd).copy()
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-        raise BackendError(f"llama.cpp made no embeddings of {media.describe()}")
+        with self._media_chunk(media) as chunk:
+            if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                raise BackendError(f"llama.cpp failed to encode {media.describe()}")
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            flat = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self._ctx),
+                                         shape=(n * self.n_embd,))
+            return flat.reshape(n, self.n_embd).copy()
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):

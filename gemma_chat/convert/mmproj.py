@@ -72,6 +72,22 @@ def write_mlx_vision(ckpt: Checkpoint, folder: Path, dtype: str = "float16") -> 
     return folder
 
 
+def _writer(ckpt: Checkpoint, out_type: str, n_embd_text: int):
+    """A projector GGUF's writer, with what every one says first: the ``clip`` architecture,
+    the file type, a vision encoder, and the text model's width it projects to."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(ckpt.folder.name)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32,
+                          "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type])
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_vision_projection_dim(n_embd_text)
+    return writer
+
+
 def mmproj_name(model_file: Path) -> Path:
     """Where a model GGUF's projector goes: ``mmproj-<model name>.gguf`` beside it."""
     return model_file.with_name(f"mmproj-{model_file.stem}.gguf")
@@ -114,14 +130,7 @@ def write_mmproj(ckpt: Checkpoint, dst: Path, out_type: str = "f16", *,
             f"{image_size // patch_size}x{image_size // patch_size} patches")
     blocks = int(vision["num_hidden_layers"])
 
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name(ckpt.folder.name)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32,
-                          "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type])
-    writer.add_clip_has_vision_encoder(True)
-    writer.add_vision_projection_dim(n_embd_text)
+    writer = _writer(ckpt, out_type, n_embd_text)
     writer.add_vision_image_size(image_size)
     writer.add_vision_patch_size(patch_size)
     writer.add_vision_embedding_length(int(vision["hidden_size"]))
@@ -280,14 +289,7 @@ def _write_gemma4(ckpt: Checkpoint, dst: Path, out_type: str, progress: Progress
     if int(vision.get("head_dim") or 0) not in (0, int(vision["hidden_size"]) // heads):
         raise UnsupportedArchitecture(f"{ckpt.folder.name}: the vision head size must be the "
                                       "width over the heads, as llama.cpp assumes")
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name(ckpt.folder.name)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32,
-                          "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type])
-    writer.add_clip_has_vision_encoder(True)
-    writer.add_vision_projection_dim(int(text["hidden_size"]))
+    writer = _writer(ckpt, out_type, int(text["hidden_size"]))
     writer.add_vision_image_size(224)  # required, unused: Gemma 4 sizes pictures by a budget
     writer.add_vision_patch_size(int(vision.get("patch_size", 16)))
     writer.add_vision_embedding_length(int(vision["hidden_size"]))
