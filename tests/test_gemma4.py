@@ -163,11 +163,9 @@ def test_a_thinking_chat(thinker, engine):
         convo = Conversation(backend, thinking=True)
         prompts = convo.prompts
         assert prompts.can_think and prompts.format.revision == "release"  # the file's own
-        replies = []
         for i, question in enumerate(QUESTIONS):
             chunks = list(convo.send(question, GREEDY))
             ex, stats = convo.exchanges[-1], convo.last_stats
-            replies.append((ex.thoughts, ex.reply))
             assert stats.stop_reason == "stop" and stats.thought_tokens > 3
             assert ex.thoughts.startswith("The user asks about") and ex.reply.strip()
             assert ex.thoughts not in ex.reply
@@ -184,17 +182,12 @@ def test_a_thinking_chat(thinker, engine):
                 turn = prompts.user_turn(question, first=False, thinking=True)
                 assert stats.prompt_eval_tokens == len(answer) + len(prompts.closing) + \
                     len(turn), stats
-        test_a_thinking_chat.replies[thinker.kind, engine] = replies
     finally:
         backend.close()
-    # Greedy: both backends write the same (the dense model; a tiny MoE's router has near-ties
-    # that two quantizations may break apart).
-    runs = test_a_thinking_chat.replies
-    if thinker.kind == "dense" and ("dense", "mlx") in runs and ("dense", "llama.cpp") in runs:
-        assert runs["dense", "mlx"] == runs["dense", "llama.cpp"]
-
-
-test_a_thinking_chat.replies = {}
+    # That both backends write the same, token for token, is checked unquantized in
+    # test_mlx_trims_a_wrapped_sliding_window_cache: Q8_0 and 8-bit MLX round differently, and
+    # a near-tie in this tiny model's first thought breaks one way on one CPU and the other
+    # way on another.
 
 
 def test_chat_command_shows_thoughts_apart(dense, tmp_path):
@@ -269,7 +262,8 @@ def test_server_sends_reasoning_content_to_the_openai_client(dense):
 def test_mlx_trims_a_wrapped_sliding_window_cache(dense, monkeypatch):
     """Past its window plus slack, MLX's rotating cache has wrapped; rolling back over the last
     reply's thoughts still trims it (the window before the new end is held) instead of
-    re-evaluating, and the replies stay those of llama.cpp, token for token."""
+    re-evaluating, and the replies stay those of llama.cpp, token for token (both unquantized:
+    the quantized ones round differently, and near-ties break apart)."""
     pytest.importorskip("mlx_lm")
     from gemma_chat.backends import mlx as mlx_backend
 
@@ -278,7 +272,9 @@ def test_mlx_trims_a_wrapped_sliding_window_cache(dense, monkeypatch):
     monkeypatch.setattr(mlx_backend, "SWA_SLACK", 48)
     questions = QUESTIONS + ["Once upon a time there was a king.", "Where is the station?"]
     runs = {}
-    for engine, path in (("llama.cpp", dense.gguf), ("mlx", dense.mlx)):
+    root = dense.folder.parent
+    for engine, path in (("llama.cpp", convert(dense.folder, root, "gguf", "f32")),
+                         ("mlx", convert(dense.folder, root, "mlx", "f32"))):
         backend = load_backend(resolve(str(path)), engine, LoadOptions(n_ctx=1024))
         try:
             convo = Conversation(backend, thinking=True)

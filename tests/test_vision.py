@@ -383,3 +383,32 @@ def test_serve_takes_pictures_from_the_openai_client(vlm):
     finally:
         engine.close()
         backend.close()
+
+
+def test_a_chat_takes_a_picture_by_url(vlm, q8):
+    """`/image URL` fetches the picture (the chat is the user's own: URLs are allowed there)."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(vlm.pictures["green"].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        notes: list[str] = []
+        out = io.StringIO()
+        app = ChatApp(q8, Conversation(q8), GREEDY, renderer=PlainRenderer(out),
+                      note=notes.append)
+        url = f"http://127.0.0.1:{server.server_port}/{vlm.pictures['green'].name}"
+        app.handle(f"/image {url}")
+        assert "attached green.jpg (50x200 image)" in notes[-1]
+        app.handle(QUESTION)
+        assert out.getvalue().strip() == "green"
+        app.handle(f"/image http://127.0.0.1:{server.server_port}/missing.png")
+        assert notes[-1].startswith("error: could not fetch") and len(notes[-1]) < 200
+    finally:
+        server.shutdown()

@@ -258,3 +258,33 @@ def test_a_spoken_clip_through_the_server(g4, speech):
     finally:
         engine.close()
         backend.close()
+
+
+def test_chat_commands_attach_picture_and_sound(g4, tmp_path):
+    import io
+
+    import soundfile
+
+    from gemma_chat.repl import ChatApp, PlainRenderer
+
+    notes: list[str] = []
+    app = ChatApp(g4.backend, Conversation(g4.backend),
+                  SamplingParams(temperature=0, max_tokens=2),
+                  renderer=PlainRenderer(io.StringIO()), note=notes.append)
+    app.handle(f"/audio {g4.sound}")
+    assert "attached tone.wav (2.0 s of audio); resampled from 22050 Hz to 16000 Hz" in notes[-1]
+    app.handle(f"/image {g4.picture}")
+    assert "2 attached" in app.toolbar()
+    app.handle("What are these?")
+    [exchange] = app.conversation.exchanges
+    assert [m.kind for m in exchange.media] == ["audio", "image"] and not app.attached
+    assert app.conversation.last_stats.prompt_tokens > 256 + 50
+
+    # A lecture is refused on one line, with the limit; the chat is untouched.
+    lecture = tmp_path / "lecture.wav"
+    soundfile.write(lecture, np.zeros(16_000 * 600, dtype=np.float32), 16_000)
+    app.handle(f"/audio {lecture}")
+    assert notes[-1].startswith("error: lecture.wav is 600 s long") and "30 s" in notes[-1]
+    app.handle("/audio")
+    assert "usage: /audio PATH" in notes[-1]
+    assert len(app.conversation.exchanges) == 1 and not app.attached
