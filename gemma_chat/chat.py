@@ -95,7 +95,7 @@ class Conversation:
         for i, ex in enumerate(exchanges):
             ids += self.prompts.exchange(ex.user, ex.reply, ex.reply_ids, first=i == 0,
                                          system=self.system, thinking=self.thinking,
-                                         media=ex.media)
+                                         media=self._seen(ex))
         if pending is not None:
             ids += self.prompts.user_turn(pending, first=not exchanges, system=self.system,
                                           thinking=self.thinking, media=media)
@@ -114,8 +114,18 @@ class Conversation:
     def messages_of(self, exchanges: list[Exchange]) -> list[dict]:
         out = [{"role": "system", "content": self.system}] if self.system else []
         for ex in exchanges:
-            out += ex.messages()
+            messages = ex.messages()
+            if ex.media and self._seen(ex) != ex.media:
+                messages[0] = {"role": "user", "content": media_content(self._seen(ex), ex.user)
+                               if self._seen(ex) else ex.user}
+            out += messages
         return out
+
+    def _seen(self, ex: Exchange) -> list:
+        """The exchange's pictures and clips the loaded model takes: after ``/model`` to a
+        model that reads text only (or a resume on one), earlier turns keep their text."""
+        kinds = self.backend.info.media
+        return [m for m in ex.media if m.kind in kinds]
 
     def render(self) -> str:
         """The conversation in the chat template, as text (what ``ids`` spell, up to the

@@ -213,3 +213,23 @@ def test_ollama_images_become_picture_parts():
     with pytest.raises(APIError, match="raw"):
         ollama.unsupported({"images": [b64], "raw": True})
     json.dumps(messages[0]["content"])  # still plain JSON-able data
+
+
+def test_a_text_only_model_keeps_the_text_of_earlier_pictures():
+    """After /model to a model that reads text only, a chat with pictures goes on: earlier turns
+    are sent without them, a new picture is refused on one line."""
+    from gemma_chat.backends.base import SamplingParams, collect
+    from gemma_chat.chat import Conversation
+
+    picture = media.load("data:image/png;base64," + base64.b64encode(png_bytes()).decode())
+    seeing = SeeingBackend().enqueue("A red square.", "Yes.")
+    convo = Conversation(seeing)
+    collect(convo.send("What is it?", SamplingParams(), media=[picture]))
+    assert base.media_key(picture.sha256, 3) in seeing.prompts[-1]
+    blind = ScriptedBackend().enqueue("Red.")
+    convo.rebind(blind)
+    text, _ = collect(convo.send("And its colour?", SamplingParams()))
+    assert text == "Red." and all(t >= 0 for t in blind.prompts[-1])
+    assert convo.exchanges[0].media == [picture]  # kept for a model that sees
+    with pytest.raises(MediaError, match="does not take images"):
+        collect(convo.send("And this one?", SamplingParams(), media=[picture]))
