@@ -115,9 +115,10 @@ class Conversation:
         out = [{"role": "system", "content": self.system}] if self.system else []
         for ex in exchanges:
             messages = ex.messages()
-            if ex.media and self._seen(ex) != ex.media:
-                messages[0] = {"role": "user", "content": media_content(self._seen(ex), ex.user)
-                               if self._seen(ex) else ex.user}
+            seen = self._seen(ex)
+            if seen != ex.media:  # the loaded model does not take some of them
+                messages[0] = {"role": "user",
+                               "content": media_content(seen, ex.user) if seen else ex.user}
             out += messages
         return out
 

@@ -111,7 +111,7 @@ def test_the_projector_gguf_is_llama_cpps(vlm):
     shown = run_gemma("show", str(vlm.models["f32"]))
     assert f"projector      {projector.name}: takes pictures (4 tokens each)" in shown.stdout, \
         shown.stdout
-    assert "projector 505" in shown.stdout or ", projector " in shown.stdout
+    assert ", projector " in shown.stdout  # counted in the memory line
 
 
 def test_preprocessing_equals_the_hugging_face_processor(vlm):
