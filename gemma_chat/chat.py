@@ -14,6 +14,10 @@ re-evaluates from the start of the previous model turn: its answer, then the new
 A thinking model's thoughts are kept apart from the reply (``Exchange.thoughts``). After
 ``undo``, ``retry`` or a context trim the backend re-uses the longest common prefix of what it
 has cached.
+
+A model on a server (:mod:`gemma_chat.backends.remote`) renders its own template and keeps its
+own cache: there the conversation is sent as messages each turn, and token counts come from what
+the server reports.
 """
 
 from __future__ import annotations
@@ -73,7 +77,21 @@ class Conversation:
         self.exchanges: list[Exchange] = []
         self.last_stats: Stats | None = None
         self.dropped = 0  # exchanges the last send dropped to fit the context
-        self.prompts = PromptBuilder(backend)
+        self._finished = False  # whether the reply being streamed has ended
+        self.prompts = prompts_for(backend)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the model runs on a server (messages are sent, not token ids)."""
+        return bool(getattr(self.backend, "remote", False))
+
+    def context_used(self) -> int:
+        """Tokens the conversation takes in the context: counted here, or for a model on a
+        server, as its last reply reported (prompt plus reply)."""
+        if not self.remote:
+            return len(self.ids)
+        stats = self.last_stats
+        return stats.prompt_tokens + stats.generated_tokens if stats and self.exchanges else 0
 
     # -- token ids ------------------------------------------------------------------------
 
@@ -167,6 +185,27 @@ class Conversation:
         with the message, before its text."""
         if not text.strip():
             raise InvalidArgument("the message is empty")
+        if self.remote:
+            yield from self._send_remote(text, sampling, media, run_calls, **options)
+        else:
+            yield from self._send_local(text, sampling, run_calls=run_calls,
+                                        tool_choice=tool_choice, media=media, **options)
+
+    def _send_remote(self, text: str, sampling: SamplingParams, media, run_calls,
+                     **options) -> Iterator[Chunk]:
+        """The conversation as messages to a server, which renders and fits it."""
+        if self.tools and run_calls is not None:
+            raise InvalidArgument("tools are not offered to a model on a server yet; drop "
+                                  "--tools")
+        exchange = Exchange(text, media=list(media))
+        messages = self.messages_of(self.exchanges) + exchange.messages()[:1]
+        self.dropped = 0
+        stream = self.backend.chat(messages, sampling, thinking=self.thinking,
+                                   cancel=options.get("cancel"))
+        return self._record(exchange, stream)
+
+    def _send_local(self, text: str, sampling: SamplingParams, *, run_calls=None,
+                    tool_choice: str = "auto", media=(), **options) -> Iterator[Chunk]:
         reserve = min(sampling.max_tokens or DEFAULT_REPLY_RESERVE,
                       self.backend.info.n_ctx // 4)
         kept, prompt = self._fit(text, reserve, media)
@@ -182,8 +221,7 @@ class Conversation:
 
             def between(calls: list[dict]) -> list[dict]:
                 # That turn called tools: its text is not the reply, its calls are kept.
-                nonlocal finished
-                finished = False
+                self._finished = False
                 pieces.clear()
                 thoughts.clear()
                 exchange.reply_ids.clear()
@@ -198,7 +236,15 @@ class Conversation:
                                     self.prompts.thought_ids)
         self.dropped = len(self.exchanges) - len(kept)
         self.exchanges = kept
-        finished = False
+        return self._record(exchange, stream, pieces, thoughts)
+
+    def _record(self, exchange: Exchange, stream: Iterator[Chunk], pieces: list[str] | None = None,
+                thoughts: list[str] | None = None) -> Iterator[Chunk]:
+        """Hand out ``stream``, recording the exchange as it goes (see :meth:`send`). A turn
+        is finished by its stats chunk; a tool call in between opens it again."""
+        pieces = [] if pieces is None else pieces
+        thoughts = [] if thoughts is None else thoughts
+        self._finished = False
         try:
             for chunk in stream:
                 # Recorded as it is handed out: after Ctrl-C the exchange holds what was shown.
@@ -207,12 +253,12 @@ class Conversation:
                 if chunk.stats is not None:
                     self.last_stats = chunk.stats
                     exchange.reply_ids = list(chunk.stats.token_ids)
-                    finished = True
+                    self._finished = True
                 yield chunk
         finally:
             exchange.reply = "".join(pieces)
             exchange.thoughts = "".join(thoughts)
-            exchange.interrupted = not finished
+            exchange.interrupted = not self._finished
             self.exchanges.append(exchange)
 
     def undo(self) -> Exchange | None:
@@ -244,6 +290,16 @@ class Conversation:
     def rebind(self, backend: Backend) -> None:
         """Move to another model: replies are re-tokenized with its vocabulary."""
         self.backend = backend
-        self.prompts = PromptBuilder(backend)
+        self.prompts = prompts_for(backend)
         for ex in self.exchanges:
-            ex.reply_ids = backend.tokenize(ex.reply, special=False)
+            ex.reply_ids = [] if self.remote else backend.tokenize(ex.reply, special=False)
+
+
+def prompts_for(backend: Backend):
+    """The prompt builder for ``backend``'s model file; for a model on a server, a stand-in
+    that says the server renders the template."""
+    if getattr(backend, "remote", False):
+        from .backends.remote import ServerPrompts
+
+        return ServerPrompts(backend)
+    return PromptBuilder(backend)

@@ -114,6 +114,18 @@ def generate(
     return collect(chunks, write)
 
 
+def generate_messages(backend, messages: Sequence[dict], sampling: SamplingParams,
+                      write: Callable[[str], object], *, thinking: bool | None = None,
+                      thoughts: Callable[[object], object] | None = None,
+                      response_format: dict | None = None) -> tuple[str, Stats]:
+    """:func:`generate` for a model on a server (:mod:`gemma_chat.backends.remote`): the
+    messages go as they are and the server renders them."""
+    chunks = backend.chat(messages, sampling, thinking=thinking, response_format=response_format)
+    if thoughts is not None:
+        chunks = _tap_thoughts(chunks, thoughts)
+    return collect(chunks, write)
+
+
 def _tap_thoughts(chunks, thoughts):
     for chunk in chunks:
         if chunk.thought:

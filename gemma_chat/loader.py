@@ -128,6 +128,19 @@ def open_model(model: str, backend: str = "auto", options: LoadOptions = LoadOpt
     return load(find(model, backend, policy), backend, options)
 
 
+def open_remote(url: str, model: str | None = None, api_key: str | None = None) -> OpenModel:
+    """Connect to a model on a server that speaks OpenAI's API (see
+    :mod:`gemma_chat.backends.remote`); ``model`` may be a catalogue name or the server's id,
+    or None for the one model the server has."""
+    from .backends.remote import RemoteBackend, _spec_for
+
+    start = time.perf_counter()
+    backend = RemoteBackend(url, model, api_key)
+    resolved = ResolvedModel(backend.model, backend.info.path, "remote", "server",
+                             _spec_for(model, backend.model))
+    return OpenModel(resolved, backend, time.perf_counter() - start)
+
+
 def configured_backend(requested: str) -> str:
     """``auto`` becomes the configured default backend, if one is set."""
     if requested != "auto":

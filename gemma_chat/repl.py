@@ -172,7 +172,7 @@ class ThoughtView:
         if chunk.thought:
             if self.start is None:
                 self.start = time.monotonic()
-            self.tokens += len(chunk.token_ids)
+            self.tokens += len(chunk.token_ids) or 1  # a server's piece: one token
             self.elapsed = time.monotonic() - self.start
             if chunk.text and self.show_thoughts:
                 self.renderer.think(chunk.text)
@@ -473,8 +473,9 @@ class ChatApp:
 
     def cmd_stats(self, arg: str) -> None:
         info, stats = self.backend.info, self.conversation.last_stats
-        used = len(self.conversation.ids)
-        line = f"context {used}/{info.n_ctx} tokens, {len(self.conversation.exchanges)} exchanges"
+        used = self.conversation.context_used()
+        line = (f"context {used}/{info.n_ctx or '?'} tokens, "
+                f"{len(self.conversation.exchanges)} exchanges")
         if stats is not None:
             line += (f"; last turn: prompt {stats.prompt_tokens} tokens "
                      f"({stats.prompt_eval_tokens} evaluated, {stats.cached_tokens} from the KV "
@@ -484,10 +485,21 @@ class ChatApp:
                 line += f"; {thought_summary(stats.thinking_s, stats.thought_tokens)}"
             if stats.cache_note:
                 line += f" ({stats.cache_note})"
+            if self.conversation.remote and not stats.prompt_tokens:
+                line += " (the server reports no usage: tokens counted as streamed pieces)"
         self.note(line)
 
     def cmd_info(self, arg: str) -> None:
         info = self.backend.info
+        if self.conversation.remote:
+            self.note("\n".join([
+                f"model         {info.name} on {self.backend.url}",
+                "backend       a server with OpenAI's API (it renders the template and keeps "
+                "the KV cache)",
+                f"context       {info.n_ctx or 'not stated by the server'}",
+                f"sampling      {self.sampling.to_dict()}",
+            ]))
+            return
         self.note("\n".join([
             f"model         {info.name}  ({info.path})",
             f"architecture  {info.architecture}, {info.n_params / 1e6:,.0f}M parameters, "
@@ -506,7 +518,9 @@ class ChatApp:
             raise_usage("usage: /save FILE")
         path = Path(os.path.expanduser(arg))
         kv = sessions.save(self.conversation, path, self.sampling.to_dict(), self.created)
-        self.note(f"(saved to {path}" + (f", KV state in {kv.name})" if kv else ")"))
+        where = (f", KV state in {kv.name})" if kv else
+                 "; the KV state stays on the server)" if self.conversation.remote else ")")
+        self.note(f"(saved to {path}{where}")
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
@@ -552,8 +566,8 @@ class ChatApp:
 
     def toolbar(self) -> str:
         info, stats = self.backend.info, self.conversation.last_stats
-        used = len(self.conversation.ids)
-        parts = [f"{info.name}", f"context {used}/{info.n_ctx}"]
+        used = self.conversation.context_used()
+        parts = [f"{info.name}", f"context {used}/{info.n_ctx or '?'}"]
         if stats is not None:
             parts.append(f"{stats.decode_tps:.1f} t/s")
         if self.conversation.dropped:

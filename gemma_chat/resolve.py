@@ -30,8 +30,8 @@ class ResolvedModel:
 
     name: str  # the catalogue name, or the file/folder name
     path: Path  # a .gguf file or a safetensors folder
-    format: str  # "gguf" or "mlx"
-    origin: str  # "path", "store", "bundled" or "hf-cache"
+    format: str  # "gguf", "mlx", or "remote" (on a server; ``path`` is its URL)
+    origin: str  # "path", "store", "bundled", "hf-cache" or "server"
     spec: ModelSpec | None = None
     repo: str | None = None
 
@@ -40,6 +40,8 @@ class ResolvedModel:
         """IT models get the chat template; PT (base) models get raw text."""
         if self.spec is not None:
             return self.spec.instruction_tuned
+        if self.format == "remote":  # a server's model: chat-completions is all it takes
+            return True
         if self.format == "gguf":
             return read_gguf(self.path).looks_instruction_tuned()
         label = self.path.name.lower()

@@ -69,8 +69,15 @@ def conversations_dir() -> Path:
 
 def _model_record(convo: Conversation) -> dict[str, object]:
     info = convo.backend.info
+    if convo.remote:
+        return {"name": info.name, "url": str(info.path), "backend": info.backend,
+                "identity": convo.backend.identity}
     return {"name": info.name, "path": str(info.path), "backend": info.backend,
             "identity": model_identity(info.path)}
+
+
+def _identity(convo: Conversation) -> str:
+    return convo.backend.identity if convo.remote else model_identity(convo.backend.info.path)
 
 
 def save(convo: Conversation, path: Path, sampling: dict[str, object],
@@ -403,9 +410,10 @@ def load_latest() -> Saved:
 def restore(convo: Conversation, saved: Saved) -> str:
     """Put a saved conversation into ``convo``; re-use its KV state when the same model is
     loaded. Returns a one-line note of what happened."""
-    same_model = saved.model.get("identity") == model_identity(convo.backend.info.path)
+    same_model = saved.model.get("identity") == _identity(convo)
     n_vocab = convo.backend.info.n_vocab
-    if same_model and any(not 0 <= t < n_vocab for ex in saved.exchanges for t in ex.reply_ids):
+    if same_model and not convo.remote and any(
+            not 0 <= t < n_vocab for ex in saved.exchanges for t in ex.reply_ids):
         where = saved.path or "the conversation"
         raise InvalidArgument(f"{where} holds token ids outside this model's vocabulary")
     convo.set_system(saved.system)
@@ -415,7 +423,7 @@ def restore(convo: Conversation, saved: Saved) -> str:
     if not same_model:
         convo.rebind(convo.backend)  # reply ids belong to another vocabulary: re-tokenize
     for ex in convo.exchanges:
-        if not ex.reply_ids:
+        if not ex.reply_ids and not convo.remote:
             ex.reply_ids = convo.backend.tokenize(ex.reply, special=False)
     n = len(convo.exchanges)
     missing = [m for ex in convo.exchanges for m in ex.missing_media]
@@ -423,6 +431,9 @@ def restore(convo: Conversation, saved: Saved) -> str:
         others = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         return (f"resumed {n} exchanges without {len(missing)} of their attachments: "
                 f"{missing[0]}{others}")
+    if convo.remote:
+        return (f"resumed {n} exchanges; the server is sent the whole conversation on the next "
+                "turn")
     if saved.kv_path is not None and same_model and (
             saved.kv_tokens is None or saved.kv_tokens > convo.backend.info.n_ctx):
         return (f"resumed {n} exchanges; the KV state holds {saved.kv_tokens} tokens and the "

@@ -36,8 +36,11 @@ BACKENDS: dict[str, BackendEntry] = {
     "mlx": BackendEntry("mlx", "gemma_chat.backends.mlx", "MLXBackend", "mlx_lm", "mlx-lm", "mlx",
                         "mlx"),
 }
-CHOICES = ("auto", *BACKENDS)
-_ALIASES = {"llamacpp": "llama.cpp", "llama": "llama.cpp", "llama-cpp": "llama.cpp"}
+#: The backend for a model on a server (OpenAI's chat-completions API): no weights here.
+REMOTE = "openai"
+CHOICES = ("auto", *BACKENDS, REMOTE)
+_ALIASES = {"llamacpp": "llama.cpp", "llama": "llama.cpp", "llama-cpp": "llama.cpp",
+            "remote": REMOTE, "openai-api": REMOTE}
 
 
 def _installed(entry: BackendEntry) -> bool:
@@ -60,6 +63,10 @@ def ensure_available(requested: str) -> None:
     name = normalize(requested)
     if name == "auto":
         return
+    if name == REMOTE:
+        if importlib.util.find_spec("openai") is None:
+            raise missing_extra("openai", "remote")
+        return
     entry = BACKENDS[name]
     if not _installed(entry):
         raise missing_extra(entry.package, entry.extra)
@@ -68,6 +75,8 @@ def ensure_available(requested: str) -> None:
 def formats_for(requested: str) -> tuple[str, ...]:
     """The weight formats to look for, most preferred first, for a ``--backend`` value."""
     name = normalize(requested)
+    if name == REMOTE:
+        raise InvalidArgument("--backend openai talks to a model on a server: give its --url")
     if name != "auto":
         return (BACKENDS[name].format,)
     mlx = BACKENDS["mlx"]

@@ -11,7 +11,7 @@ import click
 import typer
 from rich.markup import escape
 
-from .common import BackendOpt, CtxOpt, ThreadsOpt, app, stderr
+from .common import ApiKeyOpt, BackendOpt, CtxOpt, ThreadsOpt, UrlOpt, app, remote_url, stderr
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -50,6 +50,13 @@ def bench(
                                                 "(JSON lines, with machine info).")] = None,
     compare: Annotated[tuple[Path, Path] | None, typer.Option(
         "--compare", help="Print the ratios between two --output files and exit.")] = None,
+    url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    concurrency: Annotated[str, typer.Option(
+        "--concurrency", help="With --url: clients at once, one row each (comma list).")] = "1,4",
+    requests: Annotated[int | None, typer.Option(
+        "--requests", help="With --url: requests per row (default: twice the concurrency, at "
+                           "least 4).")] = None,
 ) -> None:
     """Measure prompt processing (pp) and generation (tg) speed, time to first token, load
     time and peak memory, like llama-bench, through gemma-chat's own generation loop."""
@@ -65,6 +72,10 @@ def bench(
     fmt = fmt or ("table" if sys.stdout.isatty() else "md")
     if fmt not in ("table", "md", "json", "csv"):
         raise click.UsageError(f"unknown --format {fmt!r}; use table, md, json or csv")
+    if remote_url(url, backend) is not None:
+        bench_url(url, api_key, model, _int_list(concurrency, "--concurrency"), requests,
+                  _int_list(gen, "-n")[0], fmt, output)
+        return
     prompts, gens, depths = _int_list(prompt, "-p"), _int_list(gen, "-n"), _int_list(depth, "-d")
     if any(n < 2 for n in gens):
         raise click.UsageError("-n must be at least 2 (the first token comes from the prompt)")
@@ -99,3 +110,56 @@ def bench(
         console.print(report.table(reports, bandwidth, sampler))
         for line in report.repack_lines(reports):
             console.print(f"[dim]{escape(line)}[/dim]")
+
+
+def bench_url(url: str, api_key: str | None, model: list[str] | None, levels: list[int],
+              requests: int | None, max_tokens: int, fmt: str, output: Path | None) -> None:
+    """``gemma bench --url``: the concurrency table of a served model."""
+    from .. import bench_remote, sessions
+    from ..bench import machine_info
+    from ..loader import open_remote
+
+    if any(n < 1 for n in levels):
+        raise click.UsageError("--concurrency takes positive integers")
+    if requests is not None and requests < 1:
+        raise click.UsageError("--requests must be at least 1")
+    if model and len(model) > 1:
+        raise click.UsageError("with --url, give one -m (a model the server serves)")
+    with open_remote(url, model[0] if model else None, api_key) as opened:
+        backend = opened.backend
+        with stderr().status("connecting") as status:
+            rows = bench_remote.run_load(backend, levels, max_tokens, requests,
+                                         progress=lambda t: status.update(t))
+        record = {"url": backend.url, "model": backend.model, "max_tokens": max_tokens,
+                  "rows": rows}
+    if output is not None:
+        with open(output, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": sessions.now(), "client": machine_info(), **record})
+                     + "\n")
+    if fmt == "json":
+        typer.echo(json.dumps(record, indent=2))
+        return
+    if fmt == "csv":
+        keys = [k for k, _ in bench_remote.COLUMNS]
+        typer.echo(",".join(keys))
+        for row in rows:
+            typer.echo(",".join(str(row[k]) for k in keys))
+        return
+    if fmt == "md":
+        typer.echo(bench_remote.markdown(rows))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{backend.model} at {backend.url}, {max_tokens} tokens a request",
+                      title_justify="left")
+        for _, title in bench_remote.COLUMNS:
+            table.add_column(title, justify="right")
+        for row in rows:
+            table.add_row(*(str(row[k]) for k, _ in bench_remote.COLUMNS))
+        Console().print(table)
+    for row in rows:
+        if row["failed"]:
+            stderr().print(f"[yellow]{row['failed']} of {row['requests']} requests at "
+                           f"concurrency {row['concurrency']} failed: "
+                           f"{escape('; '.join(row['errors']))}[/yellow]")

@@ -23,7 +23,15 @@ ModelOpt = Annotated[str, typer.Option(
     "--model", "-m",
     help="Catalogue name or alias (2b-it), Hugging Face repo id, or a path to a .gguf file or "
          "a model folder.")]
-BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto, llama.cpp or mlx.")]
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", "-b", help="auto, llama.cpp, mlx, or openai (a model on a server: --url).")]
+UrlOpt = Annotated[str | None, typer.Option(
+    "--url", envvar="GEMMA_URL",
+    help="Talk to a model on a server with OpenAI's API (vLLM, llama-server, Ollama, LM "
+         "Studio, gemma serve), e.g. http://gpu-box:8000/v1; -m picks one of its models.")]
+ApiKeyOpt = Annotated[str | None, typer.Option(
+    "--api-key", envvar="GEMMA_API_KEY", show_default=False,
+    help="The server's API key, for --url (default: $GEMMA_API_KEY).")]
 CtxOpt = Annotated[int | None, typer.Option("--ctx", "-c", help="Context size in tokens "
                                                "(default: the model's own, or as much of it as "
                                                "half this machine's memory holds, at least "
@@ -119,13 +127,33 @@ def pull_policy(yes: bool, quiet: bool = False):
                       on_gated=_login_at_terminal, console=stderr(), quiet=quiet)
 
 
-def load(model: str, backend: str, ctx: int | None, threads: int | None, spinner: bool,
-         yes: bool = False, image_tokens: int | None = None):
+def remote_url(url: str | None, backend: str) -> str | None:
+    """The server to talk to: ``--url``, which ``--backend openai`` needs and which goes with no
+    other backend."""
+    from ..backends import REMOTE, normalize
+
+    name = normalize(backend)
+    if url is None and name == REMOTE:
+        raise typer.BadParameter("--backend openai needs --url (the server's address)")
+    if url is not None and name not in ("auto", REMOTE):
+        raise typer.BadParameter(f"--url talks to a server; it does not go with --backend "
+                                 f"{backend}")
+    return url
+
+
+def load(model: str | None, backend: str, ctx: int | None, threads: int | None, spinner: bool,
+         yes: bool = False, image_tokens: int | None = None, url: str | None = None,
+         api_key: str | None = None):
     """Find (pulling on first use, as the user allows) and load a model: an OpenModel. A
-    spinner on stderr while it loads, when asked and on a terminal."""
+    spinner on stderr while it loads, when asked and on a terminal. With ``url``, connect to
+    the model on that server instead."""
     from .. import loader
     from ..memory import load_warning
 
+    if remote_url(url, backend) is not None:
+        if ctx is not None or threads is not None or image_tokens is not None:
+            dim("--ctx, --threads and --image-tokens are the server's to set; ignored with --url")
+        return loader.open_remote(url, model, api_key)
     backend = loader.configured_backend(backend)
     resolved = loader.find(model, backend, pull_policy(yes))
     if resolved.format == "gguf":

@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from ..errors import GemmaChatError
 from .common import (
+    ApiKeyOpt,
     AudioOpt,
     BackendOpt,
     CtxOpt,
@@ -30,6 +31,7 @@ from .common import (
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    UrlOpt,
     YesOpt,
     app,
     dim,
@@ -46,11 +48,14 @@ ToolChoiceOpt = Annotated[str, typer.Option(
                           "name; for the first turn of each answer.")]
 
 
+RUN_DEFAULT = "gemma-3-270m"
+
+
 @app.command()
 def run(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; stdin is appended after "
                                                     "a blank line.")] = None,
-    model: ModelOpt = "gemma-3-270m",
+    model: ModelOpt = RUN_DEFAULT,
     backend: BackendOpt = "auto",
     system: SystemOpt = None,
     raw: Annotated[bool, typer.Option(
@@ -85,6 +90,8 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print model info and stats "
                                           "to stderr.")] = False,
     yes: YesOpt = False,
+    url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
     from .. import generate as gen
@@ -105,6 +112,17 @@ def run(
     for item in media:
         if item.note:
             dim(f"{item.name}: {item.note}")
+    if url is not None:
+        if raw:
+            raise click.UsageError("--raw needs a local model: a server applies its own chat "
+                                   "template")
+        if tools is not None:
+            raise click.UsageError("--tools is not offered to a model on a server yet")
+        with load(None if model == RUN_DEFAULT else model, backend, ctx, threads,
+                  spinner=False, url=url, api_key=api_key) as opened:
+            run_remote(opened, text, system, think, hide_thinking, overrides, schema, media,
+                       as_json, verbose)
+        return
     with load(model, backend, ctx, threads, spinner=False, yes=yes,
               image_tokens=image_tokens) as opened:
         use_chat = chat or (opened.resolved.instruction_tuned and not raw)
@@ -150,6 +168,41 @@ def run(
         sys.stdout.flush()
         if verbose:
             print_stats(stats)
+
+
+def run_remote(opened, text: str, system: str | None, think: bool | None, hide_thinking: bool,
+               overrides: dict, schema: dict | None, media, as_json: bool,
+               verbose: bool) -> None:
+    """``gemma run --url``: the prompt as a chat message to the server's model."""
+    from .. import generate as gen
+    from ..prompt import media_content
+
+    backend = opened.backend
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": media_content(media, text) if media else text}]
+    sampling = gen.default_sampling(backend, capped=not opened.resolved.instruction_tuned,
+                                    **overrides)
+    if verbose:
+        dim(f"model   {backend.info.name} on {backend.url} (OpenAI API)")
+    write = (lambda s: None) if as_json else stdout_writer()
+    thoughts = ThoughtsToStderr(show=not (hide_thinking or as_json))
+    response_format = None if schema is None else \
+        {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    out, stats = gen.generate_messages(backend, messages, sampling, write, thinking=think,
+                                       thoughts=thoughts, response_format=response_format)
+    thoughts.done()
+    if as_json:
+        record = {"model": backend.info.name, "backend": backend.info.backend,
+                  "url": backend.url, "prompt_format": "server", "text": out,
+                  "sampling": sampling.to_dict(), "stats": stats.to_dict()}
+        if thoughts.text:
+            record["thoughts"] = thoughts.text
+        typer.echo(json.dumps(record, ensure_ascii=False))
+    elif out and not out.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        print_stats(stats)
 
 
 def tools_answer(backend, text: str, system: str | None, tools, sampling, choice: str,
@@ -235,6 +288,8 @@ def chat(
     tool_choice: ToolChoiceOpt = "auto",
     image_tokens: ImageTokensOpt = None,
     yes: YesOpt = False,
+    url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Chat with a model: replies stream as they are generated."""
     from .. import generate as gen
@@ -253,17 +308,23 @@ def chat(
         saved = sessions.load_latest() if resume == "last" else _load_named(resume)
         if model is None and saved.model:
             saved_path = Path(str(saved.model.get("path", "")))
-            model = str(saved_path) if saved_path.exists() else str(saved.model.get("name"))
-    if model is None:
+            model = str(saved_path) if saved_path.exists() and url is None \
+                else str(saved.model.get("name"))
+    if model is None and url is None:
         model, why = default_chat_model()
         dim(f"using {model} ({why})")
     opened = load(model, backend, ctx, threads, spinner=True, yes=yes,
-                  image_tokens=image_tokens)
+                  image_tokens=image_tokens, url=url, api_key=api_key)
     try:
         info = opened.backend.info
-        dim(f"{info.name}: {info.architecture}, {info.quantization}, {info.backend} on "
-            f"{info.device}, context {info.n_ctx}, loaded in {opened.load_s:.1f} s. /help for "
-            "commands.")
+        if url is not None:
+            dim(f"{info.name} on {opened.backend.url} (OpenAI API), context "
+                f"{info.n_ctx or 'not stated'}, connected in {opened.load_s:.1f} s. /help for "
+                "commands.")
+        else:
+            dim(f"{info.name}: {info.architecture}, {info.quantization}, {info.backend} on "
+                f"{info.device}, context {info.n_ctx}, loaded in {opened.load_s:.1f} s. /help "
+                "for commands.")
         if info.context_note:
             dim(info.context_note)
         pretrained = not opened.resolved.instruction_tuned
@@ -274,6 +335,8 @@ def chat(
                       f"tokens.[/yellow]")
 
         def load_model(name: str):
+            if url is not None:  # another model on the same server
+                return opened.backend.switch(name)
             return load(name, backend, ctx, threads, spinner=True).backend
 
         interactive = sys.stdin.isatty()
@@ -362,7 +425,7 @@ class ThoughtsToStderr:
             self.start = time.monotonic()
             if self._err is not None:
                 self._err.print("thinking...", style="dim italic")
-        self.tokens += len(chunk.token_ids)
+        self.tokens += len(chunk.token_ids) or 1  # a server's piece: one token
         self.elapsed = time.monotonic() - self.start
         if chunk.text:
             self.pieces.append(chunk.text)

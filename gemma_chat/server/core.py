@@ -262,7 +262,9 @@ class Server:
         overrides = {
             "temperature": number("temperature"), "top_p": number("top_p"),
             "top_k": number("top_k", int), "min_p": number("min_p"),
-            "repeat_penalty": number("repeat_penalty"), "seed": number("seed", int),
+            # vLLM calls it repetition_penalty; llama.cpp, repeat_penalty: either is taken.
+            "repeat_penalty": number("repeat_penalty") or number("repetition_penalty"),
+            "seed": number("seed", int),
             "max_tokens": max_tokens,
         }
         try:

@@ -143,7 +143,8 @@ def routes(server: Server, guarded) -> list[Route]:
     """The OpenAI endpoints over ``server``; ``guarded`` wraps each in auth and error bodies."""
 
     async def models(request: Request) -> Response:
-        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "google"}
+        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "google",
+                 "max_model_len": server.n_ctx}  # vLLM's field: the context it serves
                 for name in server.names]
         return JSONResponse({"object": "list", "data": data})
 
