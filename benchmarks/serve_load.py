@@ -3,7 +3,8 @@
     python benchmarks/serve_load.py [-m MODEL] [--backend llama.cpp|mlx] [--clients 8]
         [--requests 5] [--max-tokens 64] [--parallel 8] [--llama-server PATH]
 
-Three runs on loopback, each with the official openai client streaming chat requests of
+Three runs on loopback, each with gemma-chat's remote backend (the official openai client,
+through ``gemma_chat.bench_remote``, what ``gemma bench --url`` runs) streaming chat requests of
 ``--max-tokens`` tokens (temperature 0.8, no seed: seeded requests are decoded reproducibly,
 at a cost; see gemma_chat.backends.slots and mlx_slots):
 
@@ -20,29 +21,24 @@ time), and time to first token p50/p95 (queueing included).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
-import openai
 import uvicorn
 
 from gemma_chat.backends import load_backend
+from gemma_chat.backends.base import SamplingParams
+from gemma_chat.backends.remote import RemoteBackend
+from gemma_chat.bench_remote import run_level
 from gemma_chat.cli.serve import parallel_engine
 from gemma_chat.loader import LoadOptions
 from gemma_chat.resolve import resolve
 from gemma_chat.server import create_app
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def free_port() -> int:
@@ -52,35 +48,14 @@ def free_port() -> int:
 
 
 def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
-    """``clients`` threads of ``requests`` streamed chat requests each against ``url``."""
-
-    def client(n: int) -> list[tuple[float, int]]:
-        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
-        out = []
-        for i in range(requests):
-            start, first, tokens = time.perf_counter(), None, 0
-            stream = c.chat.completions.create(
-                model=model, max_tokens=max_tokens, temperature=0.8,
-                stream=True, stream_options={"include_usage": True},
-                messages=[{"role": "user", "content": f"Tell me a story about the number "
-                                                      f"{1000 * n + i}."}])
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content and first is None:
-                    first = time.perf_counter() - start
-                if chunk.usage is not None:
-                    tokens = chunk.usage.completion_tokens
-            out.append((first if first is not None else time.perf_counter() - start, tokens))
-        return out
-
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(client, range(clients)) for r in rs]
-    wall = time.perf_counter() - start
-    ttft = [r[0] for r in results]
-    tokens = sum(r[1] for r in results)
-    return {"requests": len(results), "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50": statistics.median(ttft),
-            "ttft_p95": percentile(ttft, 0.95)}
+    """``clients`` concurrent clients, ``requests`` streamed chat requests each, through the
+    remote backend's load generator (what ``gemma bench --url`` runs)."""
+    backend = RemoteBackend(url, model)
+    try:
+        return run_level(backend, clients, clients * requests,
+                         SamplingParams(temperature=0.8, max_tokens=max_tokens))
+    finally:
+        backend.close()
 
 
 def serve_ours(resolved, backend_name: str, parallel: int, n_ctx: int, threads: int | None):
@@ -168,8 +143,8 @@ def main() -> int:
             r = load(url, model, clients, args.requests, args.max_tokens)
         finally:
             stop()
-        print(f"| {label} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.2f} s "
-              f"| {r['ttft_p95']:.2f} s |", flush=True)
+        print(f"| {label} | {r['requests']} | {r['aggregate_tps']:.1f} | "
+              f"{r['ttft_p50_ms'] / 1000:.2f} s | {r['ttft_p95_ms'] / 1000:.2f} s |", flush=True)
     return 0
 
 

@@ -70,7 +70,7 @@ def conversations_dir() -> Path:
 def _model_record(convo: Conversation) -> dict[str, object]:
     info = convo.backend.info
     if convo.remote:
-        return {"name": info.name, "url": str(info.path), "backend": info.backend,
+        return {"name": info.name, "url": convo.backend.url, "backend": info.backend,
                 "identity": convo.backend.identity}
     return {"name": info.name, "path": str(info.path), "backend": info.backend,
             "identity": model_identity(info.path)}

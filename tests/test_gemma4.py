@@ -428,3 +428,35 @@ def test_a_gemma4_chat_calls_a_tool_and_keeps_it(dense):
         assert "<|tool_call>call:get_weather{" in prompt and "<|tool>" in prompt
     finally:
         backend.close()
+
+
+def test_a_thinking_chat_through_a_server(dense):
+    """`gemma serve` on the tiny Gemma 4 and the chat through the remote backend: the thinking
+    switch reaches the server, thoughts come back in ``reasoning_content`` and are kept apart,
+    greedy, exactly as the local backend has them, turn after turn."""
+    from conftest import serving
+
+    from gemma_chat.backends.remote import RemoteBackend
+    from gemma_chat.server import create_app
+
+    local = load_backend(resolve(str(dense.gguf)), "llama.cpp", LoadOptions(n_ctx=1024))
+    served = load_backend(resolve(str(dense.gguf)), "llama.cpp", LoadOptions(n_ctx=1024))
+    try:
+        with serving(create_app(served, ["tiny-gemma4"])) as url:
+            near = Conversation(local, thinking=True)
+            far = Conversation(RemoteBackend(url), thinking=True)
+            for question in QUESTIONS[:2]:
+                list(near.send(question, GREEDY))
+                chunks = list(far.send(question, GREEDY))
+                mine, theirs = near.exchanges[-1], far.exchanges[-1]
+                assert theirs.thoughts.startswith("The user asks about")
+                assert (theirs.thoughts, theirs.reply) == (mine.thoughts, mine.reply)
+                assert "".join(c.text for c in chunks if c.thought) == mine.thoughts
+                assert far.last_stats.prompt_tokens == near.last_stats.prompt_tokens
+                assert far.last_stats.thought_tokens > 3
+            far.set_thinking(False)
+            list(far.send(QUESTIONS[2], GREEDY))
+            assert not far.exchanges[-1].thoughts  # the switch went off at the server too
+    finally:
+        local.close()
+        served.close()

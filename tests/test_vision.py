@@ -412,3 +412,25 @@ def test_a_chat_takes_a_picture_by_url(vlm, q8):
         assert notes[-1].startswith("error: could not fetch") and len(notes[-1]) < 200
     finally:
         server.shutdown()
+
+
+def test_pictures_to_a_model_on_a_server(vlm):
+    """`gemma run --url --image` and the chat's `/image` against `gemma serve` on the tiny VLM:
+    the picture goes as a data URL, and the model names its colour as it does locally."""
+    from gemma_chat.server import create_app
+
+    backend = load_backend(vlm.models["q8_0"], n_ctx=1024)
+    try:
+        with serving(create_app(backend, [backend.info.name])) as url:
+            for colour, path in vlm.pictures.items():
+                result = run_gemma("run", "--url", url, "--image", str(path), QUESTION,
+                                   "--temp", "0", "-n", "4")
+                assert result.returncode == 0, result.stderr
+                assert result.stdout.strip() == colour, (colour, result.stderr)
+            colour, path = next(iter(vlm.pictures.items()))
+            chat = run_gemma("chat", "--url", url, "--temp", "0", "-n", "4", "--no-autosave",
+                             input=f"/image {path}\n{QUESTION}\n")
+            assert chat.returncode == 0, chat.stderr
+            assert chat.stdout.strip() == colour
+    finally:
+        backend.close()

@@ -329,6 +329,9 @@ def cannot_take(info: ModelInfo, media) -> InvalidArgument:
     """The one-line error for a medium a loaded model cannot take."""
     from ..media import MediaError
 
+    if info.backend == "openai":
+        return MediaError(f"{info.name} on the server does not take {media.kind}s "
+                          f"({media.name}), as its catalogue card says")
     if info.backend == "mlx":
         return MediaError(f"pictures and sound on MLX are not supported yet ({media.name}); "
                           "use the model's GGUF and its mmproj file with --backend llama.cpp")

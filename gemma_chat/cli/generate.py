@@ -302,6 +302,8 @@ def chat(
         return
     overrides = sampling_flags(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     err = stderr()
+    if url is not None and tools_file is not None:
+        raise click.UsageError("--tools is not offered to a model on a server yet")
     tools = offered_tools(tools_file, tool_choice, yes)
     saved = None
     if resume is not None:

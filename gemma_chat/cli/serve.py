@@ -37,10 +37,14 @@ def serve(
     image_tokens: ImageTokensOpt = None,
 ) -> None:
     """Serve the model over OpenAI's (/v1/...) and Ollama's (/api/...) HTTP APIs."""
+    from ..backends import REMOTE, normalize
     from ..server import create_app
 
     if not 0 < port < 65536:
         raise click.UsageError(f"invalid port {port}")
+    if normalize(backend) == REMOTE:
+        raise click.UsageError("gemma serve runs a model on this machine: --backend is auto, "
+                               "llama.cpp or mlx (openai is for chat, run and bench --url)")
     with load(model, backend, ctx, threads, spinner=True, image_tokens=image_tokens) as opened:
         info, spec = opened.backend.info, opened.resolved.spec
         names = [info.name]
