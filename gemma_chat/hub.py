@@ -227,8 +227,10 @@ def memory_note(spec: ModelSpec, size: int, n_ctx: int) -> tuple[str, bool]:
 
 
 def pull(model: str, fmt: str = "gguf", quant: str = "q4", *, quiet: bool = False,
-         console=None, n_ctx: int = 8192) -> ResolvedModel:
-    """Download a catalogue model's weights for ``fmt`` unless they are on disk already."""
+         console=None, n_ctx: int = 8192, progress=None) -> ResolvedModel:
+    """Download a catalogue model's weights for ``fmt`` unless they are on disk already.
+    ``progress`` (an object with Rich's ``add_task``/``advance``/``start``/``stop``) sees the
+    bytes of each file instead of a progress bar on ``console``."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 
     spec = catalog.get(model)
@@ -242,7 +244,8 @@ def pull(model: str, fmt: str = "gguf", quant: str = "q4", *, quiet: bool = Fals
     url = endpoint()
     check_reachable(url)
     say = (lambda s: None) if quiet or console is None else console.print
-    RichProgress.progress = None if quiet else _progress(console)
+    RichProgress.progress = progress if progress is not None else \
+        None if quiet else _progress(console)
     try:
         if filename is not None:
             with _hub_errors(repo, filename):

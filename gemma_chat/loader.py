@@ -46,6 +46,7 @@ class PullPolicy:
     on_gated: Callable[[GatedRepo], bool] | None = None
     console: object = None  # where progress bars go (a Rich console), or None
     quiet: bool = False
+    progress: object = None  # sees each file's bytes instead (hub.pull's ``progress``)
 
 
 NEVER = PullPolicy()
@@ -74,12 +75,13 @@ def pull(model: str, fmt: str, quant: str, policy: PullPolicy = NEVER) -> Resolv
     """Download ``model`` (``hub.pull``); a gated repo goes through ``policy.on_gated`` once."""
     from . import hub
 
+    options = dict(quiet=policy.quiet, console=policy.console, progress=policy.progress)
     try:
-        return hub.pull(model, fmt, quant, quiet=policy.quiet, console=policy.console)
+        return hub.pull(model, fmt, quant, **options)
     except GatedRepo as exc:
         if policy.on_gated is None or not policy.on_gated(exc):
             raise
-        return hub.pull(model, fmt, quant, quiet=policy.quiet, console=policy.console)
+        return hub.pull(model, fmt, quant, **options)
 
 
 def find(model: str, backend: str = "auto", policy: PullPolicy = NEVER) -> ResolvedModel:

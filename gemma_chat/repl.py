@@ -534,7 +534,11 @@ class ChatApp:
             self.created = saved.created
         if self.autosave is not None:
             self.autosave.reset()
-            self.autosave.start(self.conversation, self.sampling.to_dict())
+            if saved.path is not None and saved.path.suffix == ".jsonl" and \
+                    saved.path.parent == sessions.conversations_dir():
+                self.autosave.resume(saved.path)  # an autosaved chat goes on in its own file
+            else:
+                self.autosave.start(self.conversation, self.sampling.to_dict())
             self._autosave_warning()
         return message
 

@@ -61,6 +61,16 @@ class Saved:
     path: Path | None = None
     kv_tokens: int | None = None  # tokens in the KV state, as recorded when it was saved
     thinking: bool = False  # the conversation had thinking on
+    title: str | None = None  # a name given to it (the chat page renames conversations)
+
+    @property
+    def shown_title(self) -> str:
+        """Its name, else the start of its first message."""
+        if self.title:
+            return self.title
+        first = self.exchanges[0].user.strip() if self.exchanges else ""
+        first = " ".join(first.split())
+        return (first[:60] + "...") if len(first) > 60 else (first or "(empty)")
 
 
 def conversations_dir() -> Path:
@@ -73,7 +83,7 @@ def _model_record(convo: Conversation) -> dict[str, object]:
         return {"name": info.name, "url": convo.backend.url, "backend": info.backend,
                 "identity": convo.backend.identity}
     return {"name": info.name, "path": str(info.path), "backend": info.backend,
-            "identity": model_identity(info.path)}
+            "identity": model_identity(info.path) if Path(info.path).exists() else ""}
 
 
 def _identity(convo: Conversation) -> str:
@@ -338,9 +348,16 @@ class Autosave:
         """The conversation was cleared: the next turn starts a new file."""
         self.path = None
 
+    def resume(self, path: Path) -> None:
+        """Go on appending to an autosave file (a resumed conversation stays one file, so the
+        chat page and ``--resume`` list it once)."""
+        self.pending.clear()
+        self.path = Path(path)
+
 
 def _load_autosave(path: Path, text: str) -> Saved:
     header: dict = {}
+    title = None
     system = None
     thinking = False
     exchanges: list[Exchange] = []
@@ -366,12 +383,33 @@ def _load_autosave(path: Path, text: str) -> Saved:
             thinking = event.get("thinking") is True
         elif kind == "undo" and exchanges:
             exchanges.pop()
+        elif kind == "title":
+            title = event.get("title") if isinstance(event.get("title"), str) else None
     if header.get("format") != FORMAT:
         raise InvalidArgument(f"{path} is not a gemma-chat conversation")
     created = header.get("created")
     return Saved(system, exchanges, _mapping(header.get("model")), _mapping(header.get("sampling")),
                  created if isinstance(created, str) else None, None, path,
-                 thinking=thinking)
+                 thinking=thinking, title=title)
+
+
+def autosave_path(conversation_id: str) -> Path:
+    """The autosave file of a conversation id (its file name without ``.jsonl``), refused
+    when the id could name anything outside the conversations folder."""
+    if not conversation_id or not all(c.isalnum() or c in "-_" for c in conversation_id):
+        raise InvalidArgument(f"invalid conversation id {conversation_id!r}")
+    return conversations_dir() / f"{conversation_id}.jsonl"
+
+
+def append_event(path: Path, event: dict[str, object]) -> None:
+    """One event at the end of an autosave file (flushed and synced, as :class:`Autosave`
+    writes them)."""
+    if not path.is_file():
+        raise InvalidArgument(f"no conversation {path.stem}")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(event, ensure_ascii=False, default=_plain) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def recent(limit: int = 20) -> list[Path]:

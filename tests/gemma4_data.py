@@ -27,6 +27,14 @@ def cache_dir() -> Path:
     return Path(root) / f"llama-cpp-python-{version('llama_cpp_python')}"
 
 
+def download_sdist(into: Path) -> Path:
+    """The installed llama-cpp-python version's source archive, downloaded into ``into``."""
+    spec = f"llama-cpp-python=={version('llama_cpp_python')}"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                    "--no-binary", ":all:", spec, "-d", str(into)], check=True, timeout=900)
+    return next(Path(into).glob("*.tar.gz"))
+
+
 def vocab_gguf() -> Path:
     """The vocabulary GGUF (its reference files beside it), fetched on first use."""
     folder = cache_dir()
@@ -34,10 +42,7 @@ def vocab_gguf() -> Path:
         return folder / FILES[0]
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        spec = f"llama-cpp-python=={version('llama_cpp_python')}"
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--no-binary", ":all:", spec, "-d", tmp], check=True, timeout=900)
-        sdist = next(Path(tmp).glob("*.tar.gz"))
+        sdist = download_sdist(Path(tmp))
         with tarfile.open(sdist) as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name

@@ -283,3 +283,18 @@ def test_cli_errors_are_one_line():
                           (["--url", "http://x:1", "--raw"], "--raw needs a local model")]:
         result = run_gemma("run", *args, "hi")
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_model_switches_among_the_servers_models():
+    scripted = ScriptedBackend().enqueue("First.", "Second.")
+    with serving(create_app(scripted, ["gemma-3-1b-it", "my-other-model"])) as url:
+        first = RemoteBackend(url, "1b-it")
+        convo = Conversation(first)
+        list(convo.send("Hi", GREEDY))
+        second = first.switch("my-other-model")
+        convo.rebind(second)
+        first.close()  # as /model does: the old backend goes, the new one works
+        list(convo.send("Again", GREEDY))
+        assert second.model == "my-other-model" and convo.exchanges[-1].reply == "Second."
+        with pytest.raises(ModelNotFound, match="it serves: gemma-3-1b-it, my-other-model"):
+            second.switch("27b-it")

@@ -1,8 +1,9 @@
-"""The remote backend against real servers on 127.0.0.1 with the real 270M model: llama-cpp-python's
-own OpenAI server (`python -m llama_cpp.server`, which no one here wrote) and `gemma serve`, each
-started by the tests as a process of its own. Greedy text equals the local backend's on the same
-GGUF; Ctrl-C mid-reply stops the server's generation (its log and its next answer say so); a
-wrong key, a server killed mid-reply, save and resume, and `gemma bench --url`."""
+"""The remote backend against real servers on 127.0.0.1 with the real 270M model: llama.cpp's own
+`llama-server` (built from the source llama-cpp-python vendors, tests/llama_server.py),
+llama-cpp-python's OpenAI server (`python -m llama_cpp.server`), neither written here, and
+`gemma serve`, each started by the tests as a process of its own. Greedy text equals the local
+backend's on the same GGUF; Ctrl-C mid-reply stops the server's generation (its log and its next
+answer say so); a wrong key, a server killed mid-reply, save and resume, `gemma bench --url`."""
 
 from __future__ import annotations
 
@@ -82,17 +83,36 @@ def llama_cpp_server(gguf: Path, log: Path, *extra: str) -> Served:
         "--host", "127.0.0.1", "--port", str(port), "--api_key", KEY, *extra], port, log)
 
 
+def llama_cpp_main_server(gguf: Path, log: Path) -> Served:
+    """llama.cpp's llama-server as its README has it, with Google's Gemma 3 chat template (the
+    270M GGUF carries none), one slot, and flash attention on, as gemma-chat runs llama.cpp."""
+    from llama_server import llama_server
+
+    binary = llama_server()
+    if binary is None:
+        pytest.skip("llama-server could not be built here (the reason is on stderr)")
+    port = free_port()
+    template = Path(__file__).parent / "data" / "gemma3_chat_template.jinja"
+    return Served("llama-server", [
+        str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        "--api-key", KEY, "-c", "2048", "-np", "1", "-fa", "on", "--jinja",
+        "--chat-template-file", str(template), "--no-webui"], port, log)
+
+
 def gemma_serve(gguf: Path, log: Path) -> Served:
     port = free_port()
     return Served("gemma serve", [str(GEMMA), "serve", "-m", str(gguf), "--ctx", "2048",
                                   "--port", str(port), "--api-key", KEY], port, log)
 
 
-@pytest.fixture(scope="module", params=["llama_cpp.server", "gemma serve"])
+SERVERS = {"llama-server": llama_cpp_main_server, "llama_cpp.server": llama_cpp_server,
+           "gemma serve": gemma_serve}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
 def server(request, gguf_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    start = llama_cpp_server if request.param == "llama_cpp.server" else gemma_serve
-    served = start(gguf_path, log)
+    served = SERVERS[request.param](gguf_path, log)
     yield served
     served.stop()
 
@@ -114,10 +134,10 @@ def test_greedy_chat_equals_the_local_backend(server, backend):
         assert len([c for c in chunks if c.text]) > 3  # streamed in pieces, not at once
         stats = far.last_stats
         assert stats.stop_reason == local.last_stats.stop_reason and stats.ttft_s > 0
-        if server.name == "gemma serve":  # it reports usage; llama-cpp-python's stream has none
+        if server.name != "llama_cpp.server":  # llama-cpp-python's stream has no usage
             assert stats.prompt_tokens == local.last_stats.prompt_tokens
             assert stats.generated_tokens == local.last_stats.generated_tokens
-    if server.name == "gemma serve":
+    if server.name != "llama_cpp.server":
         assert far.last_stats.cached_tokens > 0  # the server kept the first turn in its cache
 
 
@@ -154,6 +174,9 @@ def test_closing_the_stream_stops_the_server(server):
     assert not convo.exchanges[-1].interrupted
     if server.name == "llama_cpp.server":
         assert "Disconnected from client" in server.log.read_text()
+    elif server.name == "llama-server":
+        slots = httpx.get(server.url + "/slots", headers={"Authorization": f"Bearer {KEY}"})
+        assert slots.status_code != 200 or not any(s["is_processing"] for s in slots.json())
     else:
         health = httpx.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"})
         assert health.json()["busy"] == 0

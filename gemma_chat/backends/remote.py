@@ -370,6 +370,7 @@ class RemoteBackend(BackendBase):
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None):
         self.url = api_url(url)
+        self._api_key = api_key
         self.client = _client(self.url, api_key)
         entries = served_models(self.client, self.url)
         ids = [str(e.get("id")) for e in entries if e.get("id")]
@@ -397,6 +398,7 @@ class RemoteBackend(BackendBase):
         """The same server, another of its models (``/model`` in the chat)."""
         other = object.__new__(RemoteBackend)
         other.__dict__.update(self.__dict__)
+        other.client = _client(self.url, self._api_key)  # closing this one leaves it open
         entries = served_models(self.client, self.url)
         other.model = match_model(model, [str(e.get("id")) for e in entries], self.url)
         other.spec = _spec_for(model, other.model)

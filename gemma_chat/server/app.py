@@ -26,16 +26,25 @@ from .core import DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, APIError, Server
 def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = None,
                cors: Sequence[str] = (), max_body: int = DEFAULT_MAX_BODY, engine=None,
                max_queue: int = DEFAULT_MAX_QUEUE,
-               allow_remote_media: bool = False) -> Starlette:
+               allow_remote_media: bool = False, page=None, switcher=None) -> Starlette:
     """The ASGI application serving ``backend`` under the model ``names`` (the first is the
-    full name), through ``engine``'s parallel slots where given."""
+    full name), through ``engine``'s parallel slots where given; with ``page`` (a
+    :class:`~.ui.UISecurity`), the chat page too, at ``/ui/``. Without an ``api_key`` the page's
+    token is then the key of every API; with one, either is taken."""
+    if page is not None and api_key is None:
+        api_key = page.token
     server = Server(backend, names, api_key, max_body, engine=engine, max_queue=max_queue,
                     allow_remote_media=allow_remote_media)
+    if page is not None:
+        server.other_keys = (page.token,)
 
     def guard(render: Callable[[APIError], Response]):
         def guarded(handler):
             async def endpoint(request: Request) -> Response:
                 try:
+                    if page is not None and not page.host_ok(request):
+                        raise APIError(403, "this server answers only to 127.0.0.1 and "
+                                            "localhost", "permission_error", code="bad_host")
                     if request.url.path not in ("/health", "/"):
                         server.check_auth(request)
                     return await handler(request)
@@ -61,9 +70,13 @@ def create_app(backend: Backend, names: Iterable[str], *, api_key: str | None = 
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors),
                                      allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
                                      allow_headers=["authorization", "content-type"]))
-    routes = [Route("/health", health, methods=["GET"]),
+    routes = [Route("/health", guard(APIError.response)(health), methods=["GET"]),
               *openai.routes(server, guard(APIError.response)),
               *ollama.routes(server, guard(ollama.error_response))]
+    if page is not None:
+        from . import ui
+
+        routes += ui.routes(server, page, switcher)
     app = Starlette(routes=routes, middleware=middleware)
     app.state.server = server
     return app

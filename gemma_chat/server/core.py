@@ -14,7 +14,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -143,6 +143,7 @@ class Server:
         self.max_queue = engine.max_queue if engine is not None else max_queue
         self.names = list(dict.fromkeys(n for n in names if n))
         self.api_key = api_key
+        self.other_keys: tuple[str, ...] = ()  # also accepted (the chat page's token)
         self.max_body = max_body
         self.lock = asyncio.Lock()
         self.counters = Counters()
@@ -151,6 +152,7 @@ class Server:
         self.prompts = PromptBuilder(backend)
         self.jobs: set[Job] = set()  # waiting or generating
         self.closing = False
+        self.switching = False  # another model is being loaded (the chat page's model picker)
         self._constraints: dict[str, object] = {}  # compiled schemas, by their JSON text
 
     @property
@@ -175,6 +177,44 @@ class Server:
         if self.closing:
             raise APIError(503, "the server is shutting down", "server_error",
                            code="shutting_down")
+        if self.switching:
+            raise APIError(503, "the server is switching models; try again in a moment",
+                           "server_error", code="switching_models")
+
+    async def swap(self, load: Callable[[], tuple], restore: Callable[[], tuple]) -> None:
+        """Serve another model: stop taking requests, cancel the ones in flight, free the
+        loaded model, then ``load()`` the next one (``(backend, names, engine)``), in a thread;
+        if that fails, ``restore()`` loads the old one again and the error is raised. One
+        model is in memory at a time, as a laptop needs."""
+        self.switching = True
+        try:
+            for job in list(self.jobs):
+                job.cancel.set()
+            deadline = time.monotonic() + 30
+            while self.jobs and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            old_engine, old_backend = self.engine, self.backend
+            await asyncio.to_thread(_close, old_engine, old_backend)
+            try:
+                backend, names, engine = await asyncio.to_thread(load)
+            except BaseException:
+                backend, names, engine = await asyncio.to_thread(restore)
+                self._serve(backend, names, engine)
+                raise
+            self._serve(backend, names, engine)
+        finally:
+            self.switching = False
+
+    def _serve(self, backend: Backend, names: Iterable[str], engine) -> None:
+        self.backend, self.engine = backend, engine
+        self.names = list(dict.fromkeys(n for n in names if n))
+        if engine is not None:
+            self.max_queue = engine.max_queue
+        if backend.info.media:
+            self.max_body = max(self.max_body, MEDIA_MAX_BODY)
+        self.defaults = default_sampling(backend, capped=False)
+        self.prompts = PromptBuilder(backend)
+        self._constraints = {}
 
     def check_size(self, data: dict) -> None:
         """Refuse a prompt that cannot fit in the context before tokenizing it (a large one
@@ -204,8 +244,10 @@ class Server:
         # Compared as bytes (compare_digest refuses str with non-ASCII characters): the header's
         # raw bytes, which Starlette decoded as latin-1, against the key in UTF-8.
         given = token.strip().encode("latin-1", "replace")
-        expected = self.api_key.encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
+        keys = (self.api_key, *self.other_keys)
+        if scheme.lower() != "bearer" or not any(
+                hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+                for key in keys):
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            "authentication_error", code="invalid_api_key")
 
@@ -549,3 +591,9 @@ async def watch_disconnect(request: Request, job: Job, every: float = 0.1) -> No
             job.cancel.set()
             return
         await asyncio.sleep(every)
+
+
+def _close(engine, backend) -> None:
+    if engine is not None:
+        engine.close()
+    backend.close()
