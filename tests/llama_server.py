@@ -39,10 +39,10 @@ def llama_server() -> Path | None:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         tmp = Path(tmp)
         sdist = download_sdist(tmp)
-        prefix = "vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if prefix in m.name]
-            root = members[0].name.split(prefix)[0] + prefix
+            top = tar.getmembers()[0].name.split("/")[0]
+            root = f"{top}/vendor/llama.cpp/"
+            members = [m for m in tar.getmembers() if m.name.startswith(root)]
             tar.extractall(tmp / "src", members=members, filter="data")
         source = tmp / "src" / root
         flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \

@@ -85,7 +85,11 @@ def llama_cpp_server(gguf: Path, log: Path, *extra: str) -> Served:
 
 def llama_cpp_main_server(gguf: Path, log: Path) -> Served:
     """llama.cpp's llama-server as its README has it, with Google's Gemma 3 chat template (the
-    270M GGUF carries none), one slot, and flash attention on, as gemma-chat runs llama.cpp."""
+    270M GGUF carries none), one slot, and the attention set up as gemma-chat's llama.cpp
+    backend has it: flash attention on and a full-size sliding-window cache (llama-server's
+    default cache of the window alone pads the attention differently, and the 270M model's
+    first near-tie then breaks another way: "Hi there devenueuser" against "Hi there\nYou are
+    a user of")."""
     from llama_server import llama_server
 
     binary = llama_server()
@@ -95,7 +99,7 @@ def llama_cpp_main_server(gguf: Path, log: Path) -> Served:
     template = Path(__file__).parent / "data" / "gemma3_chat_template.jinja"
     return Served("llama-server", [
         str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-        "--api-key", KEY, "-c", "2048", "-np", "1", "-fa", "on", "--jinja",
+        "--api-key", KEY, "-c", "2048", "-np", "1", "-fa", "on", "--swa-full", "--jinja",
         "--chat-template-file", str(template), "--no-webui"], port, log)
 
 
