@@ -233,3 +233,28 @@ def assert_extension_reuses_the_cache(client, between=None, *, reply_tokens: int
     cached = b.usage.prompt_tokens_details.cached_tokens
     assert cached >= a.usage.prompt_tokens + a.usage.completion_tokens - 1
     assert b.usage.prompt_tokens - cached <= new_tokens
+
+
+@contextlib.contextmanager
+def chat_page(backend, names):
+    """``backend`` served with the chat page (in this process) and the page open in a real
+    headless Chromium, ready, with its settings shown: yields the playwright page. Skips where
+    there is no chromium or playwright."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium here (`apt-get install chromium`; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from gemma_chat.server import create_app
+    from gemma_chat.server.ui import UISecurity
+
+    with serving(create_app(backend, names, page=UISecurity("page-token"))) as url, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/ui/#token=page-token")
+            page.wait_for_selector("body[data-ready='1']")
+            page.click("#toggle-settings")
+            yield page
+        finally:
+            browser.close()

@@ -460,3 +460,43 @@ def test_a_thinking_chat_through_a_server(dense):
     finally:
         local.close()
         served.close()
+
+
+def test_thoughts_in_the_chat_page(dense, tmp_path, monkeypatch):
+    """The chat page in a real Chromium on the tiny Gemma 4: with "Think first" ticked, the
+    thoughts stream into a collapsed block of their own and the answer below it, as the local
+    backend has them; the stored conversation keeps them apart."""
+    import time
+
+    from conftest import chat_page
+
+    from gemma_chat import sessions
+
+    monkeypatch.setenv("GEMMA_HOME", str(tmp_path / "home"))
+    backend = load_backend(resolve(str(dense.gguf)), "llama.cpp", LoadOptions(n_ctx=1024))
+    try:
+        local = Conversation(backend, thinking=True)
+        list(local.send(QUESTIONS[0], GREEDY))
+        expected = local.exchanges[-1]
+        assert expected.thoughts.startswith("The user asks about")
+        with chat_page(backend, ["tiny-gemma4"]) as page:
+            assert page.locator("#thinking-label").is_visible()  # a model that thinks
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", str(GREEDY.max_tokens))
+            page.check("#thinking")
+            page.fill("#input", QUESTIONS[0])
+            page.press("#input", "Enter")
+            deadline = time.time() + 60
+            while page.locator(".msg.assistant .tools").count() < 1:
+                assert time.time() < deadline
+                time.sleep(0.1)
+            details = page.locator("details.thoughts").first
+            assert details.get_attribute("open") is None  # collapsed
+            assert details.locator("div").text_content() == expected.thoughts
+            answer = page.locator(".msg.assistant .body").first.inner_text()
+            assert answer.split() == expected.reply.split()
+        [path] = sessions.recent()
+        stored = sessions.load(path).exchanges[0]
+        assert (stored.thoughts, stored.reply) == (expected.thoughts, expected.reply)
+    finally:
+        backend.close()

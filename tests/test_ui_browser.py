@@ -207,6 +207,38 @@ def test_conversations_switch_and_survive_a_reload(page, ui):
     page.fill("#search", "")
 
 
+def test_edit_rename_delete_and_the_system_prompt(page, ui):
+    """Edit an earlier message (it and what follows are replaced), rename and delete a
+    conversation from the list, and a system prompt that reaches the model (its turn)."""
+    page.click("#new-chat")
+    settings(page, temperature=0, max_tokens=6, system="Answer briefly.")
+    for text in ("First message here", "Second message here"):
+        send(page, text)
+        wait_done(page)
+    page.locator(".msg.user").first.get_by_role("button", name="Edit").click()
+    assert page.input_value("#input") == "First message here"
+    page.fill("#input", "An edited first message")
+    page.press("#input", "Enter")
+    wait_done(page)
+    current = page.evaluate("localStorage.getItem('gemma-chat-open')")
+    stored = ui.api(f"/ui/api/conversations/{current}")
+    assert [e["user"] for e in stored["exchanges"]] == ["An edited first message"]
+    assert stored["system"] == "Answer briefly."
+    assert page.locator(".msg.user").count() == 1
+    item = page.locator("#list li", has=page.locator(".title", has_text="An edited first"))
+    page.once("dialog", lambda dialog: dialog.accept("Renamed chat"))
+    item.get_by_role("button", name="Rename").click()
+    page.wait_for_selector("#list li .title:text-is('Renamed chat')")
+    assert ui.api(f"/ui/api/conversations/{current}")["title"] == "Renamed chat"
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#list li", has=page.locator(".title", has_text="Renamed chat")) \
+        .get_by_role("button", name="Delete").click()
+    wait_until(page, "![...document.querySelectorAll('#list li .title')]"
+                     ".some(e => e.innerText === 'Renamed chat')")
+    assert not (ui.home / "conversations" / f"{current}.jsonl").exists()
+    assert page.locator(".msg").count() == 0  # the open conversation went with it
+
+
 def test_a_terminal_chat_continues_in_the_page_and_back(page, ui, gguf_path):
     started = run_gemma("chat", "-m", str(gguf_path), "--temp", "0", "-n", "6",
                         input="Zebras live in Africa\n", env={"GEMMA_HOME": str(ui.home)})
@@ -228,6 +260,18 @@ def test_a_terminal_chat_continues_in_the_page_and_back(page, ui, gguf_path):
     assert "resumed 2 exchanges" in resumed.stderr
     text = files[0].read_text()
     assert "And lions too" in text
+
+
+def test_a_refused_message_is_not_lost(page, ui):
+    """A message longer than the context: the server's one-line error is shown, and the text
+    goes back into the box; nothing half-made is stored."""
+    page.click("#new-chat")
+    long = "word " * 5000  # over the 4096-token context
+    send(page, long)
+    page.wait_for_selector("#error:not([hidden])")
+    assert "context" in page.inner_text("#error")
+    assert page.input_value("#input") == long
+    assert page.locator(".msg").count() == 0
 
 
 def test_the_token_is_needed(ui):

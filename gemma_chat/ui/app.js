@@ -249,9 +249,8 @@
   async function send(text) {
     if (state.controller || !text.trim()) return;
     showError("");
-    await ensureConversation();
-    const convo = state.current;
-    if (state.editing !== null) {
+    if (state.editing !== null && state.current) {
+      const convo = state.current;
       const drop = convo.exchanges.length - state.editing;
       await api(`/ui/api/conversations/${convo.id}/undo`, { method: "POST", body: { count: drop } });
       convo.exchanges.splice(state.editing);
@@ -274,6 +273,7 @@
     let thoughts = "";
     let usage = null;
     let finished = false;
+    let failed = false;
     let pieces = 0;
     let first = null;
     let thoughtEnd = null;
@@ -287,7 +287,7 @@
     };
     const request = {
       model: state.info.model, stream: true, stream_options: { include_usage: true },
-      messages: messagesFor(convo.exchanges, text, parts),
+      messages: messagesFor(state.current ? state.current.exchanges : [], text, parts),
       chat_template_kwargs: { enable_thinking: $("thinking").checked },
       ...sampling(),
     };
@@ -342,7 +342,10 @@
         }
       }
     } catch (error) {
-      if (error.name !== "AbortError") showError(`error: ${error.message}`);
+      if (error.name !== "AbortError") {
+        failed = true;
+        showError(`error: ${error.message}`);
+      }
     } finally {
       state.controller = null;
       setBusy(false);
@@ -352,11 +355,17 @@
     if (thoughts) thoughtsElement(reply, thoughts, ((thoughtEnd || performance.now()) - first) / 1000);
     if (!finished) note(reply, "(stopped)");
     const exchange = { user: text, reply: answer, thoughts, interrupted: !finished };
-    if (answer || thoughts || finished) {
+    // Kept as the REPL keeps it: a reply stopped early is stored, marked; a refused one is not.
+    if (!failed || answer || thoughts) {
+      await ensureConversation(); // a new conversation's file starts with its first exchange
+      const convo = state.current;
       convo.exchanges.push(exchange);
       await api(`/ui/api/conversations/${convo.id}/exchanges`, { method: "POST", body: exchange });
       addTools(reply, convo.exchanges.length - 1, "assistant");
       renderConversation();
+    } else {
+      renderConversation(); // refused: the message goes back to the box, nothing is lost
+      $("input").value = text;
     }
     showStats(usage, pieces, first, start, end);
     refreshList();
