@@ -191,8 +191,9 @@ def test_conversations_switch_and_survive_a_reload(page, ui):
     page.click("#new-chat")
     send(page, "Omega is the last letter")
     wait_done(page)
-    titles = page.locator("#list li .title").all_inner_texts()
-    assert "Alpha is the first letter" in titles and "Omega is the last letter" in titles
+    wait_until(page, "['Alpha is the first letter', 'Omega is the last letter'].every(t => "
+                     "[...document.querySelectorAll('#list li .title')]"
+                     ".some(e => e.innerText === t))", timeout=10)
     page.locator("#list li .title", has_text="Alpha is the first letter").click()
     wait_until(page, "document.querySelector('.msg.user .body').innerText"
                            ".startsWith('Alpha')")

@@ -346,29 +346,33 @@
         failed = true;
         showError(`error: ${error.message}`);
       }
-    } finally {
-      state.controller = null;
-      setBusy(false);
     }
     const end = performance.now();
     markdown(body, answer);
     if (thoughts) thoughtsElement(reply, thoughts, ((thoughtEnd || performance.now()) - first) / 1000);
     if (!finished) note(reply, "(stopped)");
     const exchange = { user: text, reply: answer, thoughts, interrupted: !finished };
-    // Kept as the REPL keeps it: a reply stopped early is stored, marked; a refused one is not.
-    if (!failed || answer || thoughts) {
-      await ensureConversation(); // a new conversation's file starts with its first exchange
-      const convo = state.current;
-      convo.exchanges.push(exchange);
-      await api(`/ui/api/conversations/${convo.id}/exchanges`, { method: "POST", body: exchange });
-      addTools(reply, convo.exchanges.length - 1, "assistant");
-      renderConversation();
-    } else {
-      renderConversation(); // refused: the message goes back to the box, nothing is lost
-      $("input").value = text;
+    try {
+      // Kept as the REPL keeps it: a reply stopped early is stored, marked; a refused one is not.
+      if (!failed || answer || thoughts) {
+        await ensureConversation(); // a new conversation's file starts with its first exchange
+        const convo = state.current;
+        convo.exchanges.push(exchange);
+        await api(`/ui/api/conversations/${convo.id}/exchanges`,
+          { method: "POST", body: exchange });
+        renderConversation();
+      } else {
+        renderConversation(); // refused: the message goes back to the box, nothing is lost
+        $("input").value = text;
+      }
+      showStats(usage, pieces, first, start, end);
+      await refreshList();
+    } catch (error) {
+      showError(`error: ${error.message}`);
+    } finally {
+      state.controller = null; // ready for the next message once this one is stored
+      setBusy(false);
     }
-    showStats(usage, pieces, first, start, end);
-    refreshList();
   }
 
   function showStats(usage, pieces, first, start, end) {
