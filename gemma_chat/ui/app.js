@@ -248,11 +248,23 @@
 
   async function send(text) {
     if (state.controller || !text.trim()) return;
+    // Busy from the first moment (before any request), so nothing else starts meanwhile.
+    const controller = new AbortController();
+    state.controller = controller;
+    setBusy(true);
     showError("");
     if (state.editing !== null && state.current) {
       const convo = state.current;
       const drop = convo.exchanges.length - state.editing;
-      await api(`/ui/api/conversations/${convo.id}/undo`, { method: "POST", body: { count: drop } });
+      try {
+        await api(`/ui/api/conversations/${convo.id}/undo`,
+          { method: "POST", body: { count: drop } });
+      } catch (error) {
+        showError(`error: ${error.message}`);
+        state.controller = null;
+        setBusy(false);
+        return;
+      }
       convo.exchanges.splice(state.editing);
       state.editing = null;
       renderConversation();
@@ -266,9 +278,6 @@
     if (names.length) note(user, `with ${names.join(", ")}`);
     const reply = messageElement("assistant");
     const body = reply.querySelector(".body");
-    const controller = new AbortController();
-    state.controller = controller;
-    setBusy(true);
     let answer = "";
     let thoughts = "";
     let usage = null;
@@ -393,14 +402,12 @@
     if (state.controller) state.controller.abort();
   }
 
-  async function regenerate() {
+  function regenerate() {
     const convo = state.current;
     if (!convo || !convo.exchanges.length || state.controller) return;
     const last = convo.exchanges[convo.exchanges.length - 1];
-    await api(`/ui/api/conversations/${convo.id}/undo`, { method: "POST", body: { count: 1 } });
-    convo.exchanges.pop();
-    renderConversation();
-    await send(last.user);
+    state.editing = convo.exchanges.length - 1; // the last exchange is replaced
+    send(last.user).catch((error) => showError(`error: ${error.message}`));
   }
 
   function startEdit(index) {
