@@ -39,6 +39,26 @@
     return options.raw ? response : response.json();
   }
 
+  // The data of each server-sent event of a streamed response, parsed (a generator).
+  async function* serverEvents(response) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (line.startsWith("data: ") && line !== "data: [DONE]") yield JSON.parse(line.slice(6));
+        }
+      }
+    }
+  }
+
   function showError(text) {
     const box = $("error");
     box.textContent = text || "";
@@ -308,46 +328,29 @@
         try { message = (await response.json()).error.message; } catch (_) { /* status */ }
         throw new Error(message);
       }
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          const event = buffer.slice(0, cut);
-          buffer = buffer.slice(cut + 2);
-          for (const line of event.split("\n")) {
-            if (!line.startsWith("data: ")) continue;
-            const data = line.slice(6);
-            if (data === "[DONE]") continue;
-            const chunk = JSON.parse(data);
-            if (chunk.error) throw new Error(chunk.error.message || "the server failed");
-            if (chunk.usage) usage = chunk.usage;
-            for (const choice of chunk.choices || []) {
-              const delta = choice.delta || {};
-              const thought = delta.reasoning_content || delta.reasoning;
-              if (thought || delta.content) {
-                pieces += 1;
-                if (first === null) first = performance.now();
-              }
-              if (thought) {
-                thoughts += thought;
-                thoughtsElement(reply, thoughts, null);
-              }
-              if (delta.content) {
-                if (thoughts && thoughtEnd === null) {
-                  thoughtEnd = performance.now();
-                  thoughtsElement(reply, thoughts, (thoughtEnd - first) / 1000);
-                }
-                answer += delta.content;
-                if (!scheduled) { scheduled = true; requestAnimationFrame(paint); }
-              }
-              if (choice.finish_reason) finished = true;
-            }
+      for await (const chunk of serverEvents(response)) {
+        if (chunk.error) throw new Error(chunk.error.message || "the server failed");
+        if (chunk.usage) usage = chunk.usage;
+        for (const choice of chunk.choices || []) {
+          const delta = choice.delta || {};
+          const thought = delta.reasoning_content || delta.reasoning;
+          if (thought || delta.content) {
+            pieces += 1;
+            if (first === null) first = performance.now();
           }
+          if (thought) {
+            thoughts += thought;
+            thoughtsElement(reply, thoughts, null);
+          }
+          if (delta.content) {
+            if (thoughts && thoughtEnd === null) {
+              thoughtEnd = performance.now();
+              thoughtsElement(reply, thoughts, (thoughtEnd - first) / 1000);
+            }
+            answer += delta.content;
+            if (!scheduled) { scheduled = true; requestAnimationFrame(paint); }
+          }
+          if (choice.finish_reason) finished = true;
         }
       }
     } catch (error) {
@@ -477,28 +480,15 @@
       const response = await api("/ui/api/model", { method: "POST", body: { model: target },
         raw: true });
       if (!response.ok) throw new Error((await response.json()).error.message);
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          const line = buffer.slice(0, cut);
-          buffer = buffer.slice(cut + 2);
-          if (!line.startsWith("data: ")) continue;
-          const event = JSON.parse(line.slice(6));
-          if (event.error) failed = event.error;
-          else if (event.stage === "download") {
-            if (event.total) { bar.max = event.total; bar.value = event.done; }
-            $("switching-text").textContent =
-              `downloading ${label}: ${human(event.done)} of ${human(event.total || 0)}`;
-          } else if (event.stage === "load") {
-            bar.removeAttribute("value");
-            $("switching-text").textContent = `loading ${label}...`;
-          }
+      for await (const event of serverEvents(response)) {
+        if (event.error) failed = event.error;
+        else if (event.stage === "download") {
+          if (event.total) { bar.max = event.total; bar.value = event.done; }
+          $("switching-text").textContent =
+            `downloading ${label}: ${human(event.done)} of ${human(event.total || 0)}`;
+        } else if (event.stage === "load") {
+          bar.removeAttribute("value");
+          $("switching-text").textContent = `loading ${label}...`;
         }
       }
     } catch (error) {
