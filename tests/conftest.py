@@ -258,3 +258,15 @@ def chat_page(backend, names):
             yield page
         finally:
             browser.close()
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM to a process started with ``start_new_session=True`` and its children, then
+    SIGKILL if it has not gone within ``timeout``."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pexpect
 import pytest
-from conftest import GEMMA, run_gemma
+from conftest import GEMMA, run_gemma, stop_process_group
 
 from gemma_chat.backends.base import SamplingParams
 from gemma_chat.backends.remote import RemoteBackend, StreamDropped
@@ -61,13 +61,7 @@ class Served:
         pytest.fail(f"{name} did not start: {log.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
 
 
 def llama_cpp_server(gguf: Path, log: Path, *extra: str) -> Served:

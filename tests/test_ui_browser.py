@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import GEMMA, run_gemma
+from conftest import GEMMA, run_gemma, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -62,14 +62,7 @@ class UIServer:
         return httpx.get(self.base + "/health", timeout=5).json()["busy"]
 
     def stop(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+        stop_process_group(self.process)
 
 
 @pytest.fixture(scope="module")

@@ -162,12 +162,7 @@ def run(
             if prompts.can_think:
                 record["thinking"] = thinking
                 record["thoughts"] = thoughts.text
-            typer.echo(json.dumps(record, ensure_ascii=False))
-        elif out and not out.endswith("\n"):
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-        if verbose:
-            print_stats(stats)
+        finish_output(out, record if as_json else None, stats, verbose)
 
 
 def run_remote(opened, text: str, system: str | None, think: bool | None, hide_thinking: bool,
@@ -197,6 +192,13 @@ def run_remote(opened, text: str, system: str | None, think: bool | None, hide_t
                   "sampling": sampling.to_dict(), "stats": stats.to_dict()}
         if thoughts.text:
             record["thoughts"] = thoughts.text
+    finish_output(out, record if as_json else None, stats, verbose)
+
+
+def finish_output(out: str, record: dict | None, stats, verbose: bool) -> None:
+    """The end of `gemma run`: the JSON record (``--json``) or the newline the reply lacks,
+    then the stats on stderr (``--verbose``)."""
+    if record is not None:
         typer.echo(json.dumps(record, ensure_ascii=False))
     elif out and not out.endswith("\n"):
         sys.stdout.write("\n")

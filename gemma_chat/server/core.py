@@ -135,21 +135,17 @@ class Server:
     def __init__(self, backend: Backend, names: Iterable[str], api_key: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, engine=None,
                  max_queue: int = DEFAULT_MAX_QUEUE, allow_remote_media: bool = False):
-        self.backend = backend
         self.allow_remote_media = allow_remote_media  # fetch http(s) image URLs
-        if backend.info.media:  # room for pictures and clips sent inline
-            max_body = max(max_body, MEDIA_MAX_BODY)
-        self.engine = engine  # parallel slots (SlotEngine), or None: one request at a time
-        self.max_queue = engine.max_queue if engine is not None else max_queue
-        self.names = list(dict.fromkeys(n for n in names if n))
+        self.max_queue = max_queue
         self.api_key = api_key
         self.other_keys: tuple[str, ...] = ()  # also accepted (the chat page's token)
         self.max_body = max_body
         self.lock = asyncio.Lock()
         self.counters = Counters()
         self.created = int(time.time())
-        self.defaults = default_sampling(backend, capped=False)
-        self.prompts = PromptBuilder(backend)
+        # The model, its parallel slots (SlotEngine, or None: one request at a time), names,
+        # sampling defaults and prompt builder; the chat page's model picker replaces them.
+        self._serve(backend, names, engine)
         self.jobs: set[Job] = set()  # waiting or generating
         self.closing = False
         self.switching = False  # another model is being loaded (the chat page's model picker)
@@ -210,7 +206,7 @@ class Server:
         self.names = list(dict.fromkeys(n for n in names if n))
         if engine is not None:
             self.max_queue = engine.max_queue
-        if backend.info.media:
+        if backend.info.media:  # room for pictures and clips sent inline
             self.max_body = max(self.max_body, MEDIA_MAX_BODY)
         self.defaults = default_sampling(backend, capped=False)
         self.prompts = PromptBuilder(backend)
