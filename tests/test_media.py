@@ -233,3 +233,21 @@ def test_a_text_only_model_keeps_the_text_of_earlier_pictures():
     assert convo.exchanges[0].media == [picture]  # kept for a model that sees
     with pytest.raises(MediaError, match="does not take images"):
         collect(convo.send("And this one?", SamplingParams(), media=[picture]))
+
+
+def test_media_spans_and_a_prefill_that_never_cuts_a_picture():
+    from gemma_chat.backends.mlx import media_spans, prefill_step
+
+    key, other = -5, -9
+    ids = [2, 7, *[key] * 4, 8, *[key] * 4, *[key] * 4, 9, *[other] * 3, 1]
+    assert media_spans(ids, {key: 4}) == [(2, 6), (7, 11), (11, 15)]  # twice in a row: each
+    assert media_spans(ids, {key: 4, other: 3}) == [(2, 6), (7, 11), (11, 15), (16, 19)]
+    spans = [(2, 6), (7, 11)]
+    assert prefill_step(spans, len(ids), 2048) == 2048  # one call holds everything
+    for step, expected in ((8, 7), (7, 7), (6, 6), (5, 6), (3, 6)):
+        size = prefill_step(spans, len(ids), step)
+        cuts = range(size, len(ids) - 1, size)
+        assert size == expected and not any(a < k < b for a, b in spans for k in cuts)
+    # A picture longer than the step: the smallest size above it that keeps it whole.
+    assert prefill_step([(3, 300)], 400, 100) == 300
+    assert prefill_step([], 10, 4) == 4

@@ -24,7 +24,13 @@ from PIL import Image  # noqa: E402
 from tiny_vlm import build_gemma4_vlm  # noqa: E402
 
 from gemma_chat import media  # noqa: E402
-from gemma_chat.backends.base import SamplingParams, collect, common_prefix  # noqa: E402
+from gemma_chat.backends import mlx as mlx_backend  # noqa: E402
+from gemma_chat.backends.base import (  # noqa: E402
+    SamplingParams,
+    collect,
+    common_prefix,
+    media_key,
+)
 from gemma_chat.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from gemma_chat.chat import Conversation  # noqa: E402
 from gemma_chat.gguf_file import read_gguf  # noqa: E402
@@ -288,3 +294,168 @@ def test_chat_commands_attach_picture_and_sound(g4, tmp_path):
     app.handle("/audio")
     assert "usage: /audio PATH" in notes[-1]
     assert len(app.conversation.exchanges) == 1 and not app.attached
+
+
+# -- MLX: mlx-lm's Gemma 4 text model with mlx-vlm's encoders ---------------------------------
+
+@pytest.fixture(scope="module")
+def g4_mlx(g4):
+    pytest.importorskip("mlx_vlm")
+    from gemma_chat.backends.mlx import MLXBackend
+
+    out = g4.folder.parent / "mlx-f32"
+    result = run_gemma("convert", str(g4.folder), "--to", "mlx", "--quant", "f32", "--out",
+                       str(out), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (out / "vision.safetensors").is_file()
+    backend = MLXBackend(ResolvedModel("tiny-gemma4-vlm", out, "mlx", "path"), n_ctx=1024)
+    yield SimpleNamespace(path=out, backend=backend)
+    backend.close()
+
+
+def picture_and_sound_prompt(backend, picture, sound) -> list[int]:
+    return PromptBuilder(backend).chat([{"role": "user", "content": media_content(
+        [picture, sound], "What do you see and hear?")}])
+
+
+def test_mlx_encoders_and_logits_match_transformers(g4, g4_mlx):
+    """On MLX, a picture and a clip become what transformers makes of them (relative error
+    under 1e-3), the prompt holds the same ids as on llama.cpp, and the logits at every position
+    after the picture (whose tokens see each other in the sliding-window layers) are within
+    1e-3 of the largest, against transformers in float32."""
+    import mlx.core as mx
+    import torch
+    from transformers import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    backend = g4_mlx.backend
+    assert backend.info.media == ("image", "audio")
+    picture, sound = media.load(str(g4.picture)), media.load(str(g4.sound))
+    ids = picture_and_sound_prompt(backend, picture, sound)
+    assert ids == picture_and_sound_prompt(g4.backend, picture, sound)  # as llama.cpp has it
+    model = hf_model(g4.folder)
+    pixels = Gemma4ImageProcessorPil(max_soft_tokens=280)(Image.open(g4.picture),
+                                                          return_tensors="pt")
+    features = Gemma4AudioFeatureExtractor()([sound.samples], sampling_rate=16_000,
+                                             return_tensors="pt")
+    scale = backend.model.language_model.model.embed_scale
+    with torch.no_grad():
+        image = model.model.get_image_features(pixels["pixel_values"],
+                                               pixels["image_position_ids"]).pooler_output
+        audio = model.model.get_audio_features(features["input_features"],
+                                               features["input_features_mask"]).pooler_output
+    image, audio = (ref[0] if isinstance(ref, (list, tuple)) else ref for ref in (image, audio))
+    image, audio = (ref.reshape(-1, ref.shape[-1]).numpy() for ref in (image, audio))
+    figures = []
+    for name, ref, item in (("picture", image, picture), ("sound", audio, sound)):
+        ours = np.array(backend._vision.encode(item).astype(mx.float32)) * scale
+        assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
+        rel = float(np.linalg.norm(ref - ours) / np.linalg.norm(ref))
+        figures.append(f"{name}: {len(ours)} tokens, relative error {rel:.1e}")
+        assert rel < 1e-3, figures[-1]
+
+    image_key = media_key(picture.sha256, 256)
+    reference_ids = [IMAGE_TOKEN if t == image_key else AUDIO_TOKEN if t < 0 else t
+                     for t in ids]
+    assert reference_ids.count(AUDIO_TOKEN) == len(audio)
+    input_ids = torch.tensor([reference_ids])
+    with torch.no_grad():
+        ref = model(input_ids=input_ids, pixel_values=pixels["pixel_values"],
+                    image_position_ids=pixels["image_position_ids"],
+                    input_features=features["input_features"],
+                    input_features_mask=features["input_features_mask"],
+                    mm_token_type_ids=(input_ids == IMAGE_TOKEN).long()).logits[0].numpy()
+    after = reference_ids.index(IMAGE_TOKEN) + 1
+    spans = backend._picture_spans(ids)
+    assert len(spans) == 1 and spans[0][1] - spans[0][0] == 256
+    for chunk in (2048, 150):  # one call; a prefill in pieces, the picture whole in one
+        size = mlx_backend.prefill_step(spans, len(ids), chunk)
+        assert (size >= len(ids)) == (chunk == 2048)
+        ours = _mlx_logits(backend, ids, chunk)
+        err = float(np.abs(ours[after:] - ref[after:]).max())
+        top = float(np.abs(ref[after:]).max())
+        figures.append(f"logits (prefill {chunk}): max |diff| {err:.1e} of {top:.2f}")
+        assert err < 1e-3 * top, figures[-1]
+    # The backend's own prefill (mlx-lm's generate_step) picks what transformers ranks first.
+    backend.trim_cache(0)
+    _, stats = collect(backend.stream(ids, SamplingParams(temperature=0, max_tokens=1)))
+    assert (stats.token_ids or [stats.stop_token]) == [int(ref[-1].argmax())]
+    print("; ".join(figures))
+
+
+def _mlx_logits(backend, ids: list[int], step: int) -> np.ndarray:
+    """Every position's logits, the prompt fed in the chunks the backend's prefill uses."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = backend.model
+    cache = make_prompt_cache(model)
+    spans = backend._picture_spans(ids)
+    size = mlx_backend.prefill_step(spans, len(ids), step)
+    embeddings = backend._embeddings(ids)
+    tokens = mx.array([max(t, 0) for t in ids])
+    out = []
+    mlx_backend.set_picture_spans(model, spans)
+    try:
+        for start in range(0, len(ids), size):
+            logits = model(tokens[None, start:start + size], cache=cache,
+                           input_embeddings=embeddings[None, start:start + size])
+            out.append(np.array(logits[0].astype(mx.float32)))
+    finally:
+        mlx_backend.set_picture_spans(model, [])
+    return np.concatenate(out)
+
+
+def test_mlx_chat_keeps_picture_and_sound_in_its_cache(g4, g4_mlx, tmp_path):
+    """`gemma run --backend mlx --image --audio`, then a chat whose next turn evaluates only its
+    own tokens: the picture and the clip stay in the prompt cache."""
+    result = run_gemma("run", "-m", str(g4_mlx.path), "--backend", "mlx", "--chat",
+                       "--image", str(g4.picture), "--audio", str(g4.sound),
+                       "What do you see and hear?", "--temp", "0", "-n", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["prompt_tokens"] > 256 + 50 and stats["generated_tokens"] >= 1
+
+    backend = g4_mlx.backend
+    backend.trim_cache(0)
+    convo = Conversation(backend)
+    sound, picture = media.load(str(g4.sound)), media.load(str(g4.picture))
+    collect(convo.send("What is this?", SamplingParams(temperature=0, max_tokens=3),
+                       media=[picture, sound]))
+    prompt = convo.ids_for(convo.exchanges, "And now?")
+    held = common_prefix(backend.cached_tokens, prompt)
+    assert held > max(i for i, t in enumerate(prompt) if t < 0)  # both still in the cache
+    collect(convo.send("And now?", SamplingParams(temperature=0, max_tokens=3)))
+    assert convo.last_stats.prompt_eval_tokens == len(prompt) - held < 40
+
+
+def test_mlx_serves_a_spoken_clip_and_a_picture(g4, g4_mlx, speech):
+    """The openai client sends a picture and espeak-ng's speech to `gemma serve` on MLX."""
+    import base64
+
+    import openai
+    from conftest import serving
+
+    from gemma_chat.server import create_app
+
+    backend = g4_mlx.backend
+    backend.trim_cache(0)
+    with serving(create_app(backend, [backend.info.name])) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        picture = base64.b64encode(g4.picture.read_bytes()).decode()
+        content = [
+            {"type": "input_audio", "input_audio": {
+                "data": base64.b64encode(speech.read_bytes()).decode(), "format": "wav"}},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{picture}"}},
+            {"type": "text", "text": "Answer the question you hear."}]
+        reply = client.chat.completions.create(
+            model=backend.info.name, temperature=0, max_tokens=3,
+            messages=[{"role": "user", "content": content}])
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        clip = media.load(str(speech))
+        assert reply.usage.prompt_tokens > len(backend._vision.encode(clip)) + 256
+        again = client.chat.completions.create(
+            model=backend.info.name, temperature=0, max_tokens=3,
+            messages=[{"role": "user", "content": content}])
+        assert again.choices[0].message.content == reply.choices[0].message.content
+        assert again.usage.prompt_tokens_details.cached_tokens >= reply.usage.prompt_tokens - 1

@@ -332,9 +332,12 @@ def cannot_take(info: ModelInfo, media) -> InvalidArgument:
     if info.backend == "openai":
         return MediaError(f"{info.name} on the server does not take {media.kind}s "
                           f"({media.name}), as its catalogue card says")
-    if info.backend == "mlx":
-        return MediaError(f"pictures and sound on MLX are not supported yet ({media.name}); "
-                          "use the model's GGUF and its mmproj file with --backend llama.cpp")
+    if info.backend == "mlx" and not info.media:
+        return MediaError(
+            f"{info.name} does not take {media.kind}s ({media.name}): its folder has no "
+            "encoder weights. Gemma 3 4B, 12B and 27B and Gemma 4 see images on MLX when "
+            "converted with theirs (gemma convert CHECKPOINT --to mlx); Gemma 1, 2 and Gemma 3 "
+            "270M and 1B read text only")
     if info.media:
         return MediaError(f"{info.name} takes {' and '.join(info.media)}, not {media.kind} "
                           f"({media.name}); Gemma 4 E2B and E4B hear audio")

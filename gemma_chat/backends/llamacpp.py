@@ -127,12 +127,9 @@ class LlamaCppBackend(BackendBase):
         self.repack = repack.prepare()
         self.notes = [self.repack.note] if self.repack.note else []
         from ..resolve import find_projector
-        from .mtmd import IMAGE_BUDGETS, IMAGE_TOKENS, MEDIA_UBATCH, projector_kinds
+        from .mtmd import MEDIA_UBATCH, image_budget, projector_kinds
 
-        if image_tokens is not None and image_tokens not in IMAGE_BUDGETS:
-            raise InvalidArgument(f"invalid --image-tokens {image_tokens}: Gemma 4 takes "
-                                  f"{', '.join(map(str, IMAGE_BUDGETS))}")
-        self._image_tokens = image_tokens or IMAGE_TOKENS
+        self._image_tokens = image_budget(image_tokens)
         self._projector_path = find_projector(path)
         kinds = projector_kinds(self._projector_path) if self._projector_path else ()
         if kinds:

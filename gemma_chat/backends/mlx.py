@@ -147,6 +147,95 @@ def add_gemma2_sliding_window(model, window: int) -> None:
                                 for i in range(len(model.layers))]
 
 
+class _PictureAttention:
+    """mlx-lm's Gemma 4 body with the larger models' attention over pictures: in the
+    sliding-window layers, a picture's tokens see each other (and, as ever, what came before
+    within the window); the global layers stay causal, as in Hugging Face's Gemma 4. mlx-lm 0.32
+    attends causally everywhere. ``picture_spans`` holds the absolute [start, end) of each
+    picture being evaluated; every picture must be evaluated in one call
+    (:func:`prefill_step`)."""
+
+    picture_spans: tuple[tuple[int, int], ...] = ()
+
+    def _make_masks(self, h, cache):
+        from mlx_lm.models.base import create_attention_mask
+
+        masks = super()._make_masks(h, cache)
+        n = h.shape[1]
+        if n == 1 or h.shape[0] != 1 or not self.picture_spans:
+            return masks
+        sliding = [i for i, layer in enumerate(self.layers)
+                   if layer.layer_type == "sliding_attention"]
+        if not sliding:
+            return masks
+        c = cache[sliding[0]]
+        base_mask = create_attention_mask(h, c, window_size=self.window_size, return_array=True)
+        offset = c.offset if c is not None else 0
+        size = base_mask.shape[-1]
+        queries = np.arange(offset, offset + n)
+        keys = np.arange(offset + n - size, offset + n)
+        block_q, block_k = _blocks(queries, self.picture_spans), _blocks(keys, self.picture_spans)
+        same = (block_q[:, None] == block_k[None, :]) & (block_q[:, None] >= 0) & \
+            (keys[None, :] > queries[:, None] - self.window_size)
+        if not same.any():
+            return masks
+        overlaid = base_mask | mx.array(same).reshape(base_mask.shape)
+        return [overlaid if i in sliding else m for i, m in enumerate(masks)]
+
+
+def _blocks(positions: np.ndarray, spans) -> np.ndarray:
+    """The index of the span each position falls in, -1 outside them all."""
+    out = np.full(len(positions), -1)
+    for i, (start, end) in enumerate(spans):
+        out[(positions >= start) & (positions < end)] = i
+    return out
+
+
+def _text_body(model):
+    return model.language_model.model if hasattr(model, "language_model") else model.model
+
+
+def add_picture_attention(model) -> None:
+    """Give a loaded mlx-lm Gemma 4 model its attention over pictures (see above)."""
+    body = _text_body(model)
+    body.__class__ = type("PictureAttentionGemma4", (_PictureAttention, type(body)), {})
+
+
+def set_picture_spans(model, spans: list[tuple[int, int]]) -> None:
+    """Tell a model with :func:`add_picture_attention` where the pictures are."""
+    body = _text_body(model)
+    if isinstance(body, _PictureAttention):
+        # A plain attribute: an MLX module would hold a list as a child of its tree.
+        object.__setattr__(body, "picture_spans", tuple(spans))
+
+
+def media_spans(ids: Sequence[int], lengths: Mapping[int, int]) -> list[tuple[int, int]]:
+    """[start, end) of each medium whose key is in ``lengths`` (the same one twice in a row:
+    each whole)."""
+    spans, i = [], 0
+    while i < len(ids):
+        n = lengths.get(ids[i])
+        if n:
+            spans.append((i, i + n))
+            i += n
+        else:
+            i += 1
+    return spans
+
+
+def prefill_step(spans: Sequence[tuple[int, int]], n: int, step: int = 2048) -> int:
+    """A prefill chunk size whose boundaries (its multiples, within the ``n - 1`` tokens
+    mlx-lm evaluates before the last) cut no span: the largest up to ``step``, else the
+    smallest above it."""
+    inside = [(a, b) for a, b in spans if b > 0 and a < n - 1]
+
+    def whole(size: int) -> bool:
+        return all(not any(a < k < b for k in range(size, n - 1, size)) for a, b in inside)
+
+    return next((size for size in range(step, 0, -1) if whole(size)),
+                next((size for size in range(step + 1, n) if whole(size)), max(n, 1)))
+
+
 def _generation_config(path: Path) -> dict[str, float]:
     """The model's own recommended sampling (generation_config.json), where it ships one."""
     try:
@@ -174,7 +263,7 @@ class MLXBackend(BackendBase):
     name = "mlx"
 
     def __init__(self, resolved, *, n_ctx: int | None = None, threads: int | None = None,
-                 verbose: bool = False, **_ignored):
+                 image_tokens: int | None = None, verbose: bool = False, **_ignored):
         if mx is None:
             raise missing_extra("mlx-lm", "mlx")
         path = Path(resolved.path)
@@ -204,9 +293,12 @@ class MLXBackend(BackendBase):
             # biases and norms become float32. GPUs keep the model's own dtype.
             self._model.set_dtype(mx.float32)
         materialize(self._model)
-        from .mlx_vision import Gemma3Vision
+        from .mlx_vision import load_encoders
+        from .mtmd import image_budget
 
-        self._vision = Gemma3Vision.load(path, config)
+        self._vision = load_encoders(path, config, image_budget(image_tokens))
+        if getattr(self._vision, "bidirectional", False):
+            add_picture_attention(self._model)
         self._media: dict[int, tuple[object, int]] = {}  # key -> (media, n_tokens)
         self._n_ctx = n_ctx
         self._cache = make_prompt_cache(self._model)
@@ -230,10 +322,7 @@ class MLXBackend(BackendBase):
             device=str(mx.default_device()).split("(")[-1].split(",")[0].strip().lower(),
             threads=None, gpu_layers=0, sampling_defaults=_generation_config(path),
             chat_template=_chat_template(path, tok),
-            media=("image",) if self._vision is not None else ())
-        if self._vision is not None:
-            self._image_ids = (int(config.get("boi_token_index", 255999)),
-                               int(config.get("eoi_token_index", 256000)))
+            media=self._vision.kinds if self._vision is not None else ())
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -246,15 +335,15 @@ class MLXBackend(BackendBase):
     def detokenize(self, ids: Sequence[int], *, special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=not special)
 
-    # -- pictures (Gemma 3, mlx-vlm's encoder) -----------------------------------------------
+    # -- pictures and sound (mlx-vlm's encoders: gemma_chat.backends.mlx_vision) -------------
 
     def media_ids(self, media) -> list[int]:
-        if self._vision is None or media.kind != "image":
+        if self._vision is None or media.kind not in self._vision.kinds:
             raise base.cannot_take(self.info, media)
-        n = self._vision.n_tokens
+        before, n, after = self._vision.wrap(media)
         key = base.media_key(media.sha256, n)
         self._media[key] = (media, n)
-        return [self._image_ids[0], *[key] * n, self._image_ids[1]]
+        return [*before, *[key] * n, *after]
 
     def knows_media(self, token: int) -> bool:
         return token in self._media
@@ -275,6 +364,13 @@ class MLXBackend(BackendBase):
             for start in where[::n]:  # the same picture twice in a row: each whole
                 out[int(start):int(start) + n] = features
         return out
+
+    def _picture_spans(self, ids: Sequence[int]) -> list[tuple[int, int]]:
+        """[start, end) of each picture in ``ids``, where its tokens see each other."""
+        if not getattr(self._vision, "bidirectional", False):
+            return []
+        pictures = {k for k, (m, _) in self._media.items() if m.kind == "image"}
+        return media_spans(ids, {k: n for k, (_, n) in self._media.items() if k in pictures})
 
     # -- the prompt cache -------------------------------------------------------------------
 
@@ -351,7 +447,14 @@ class MLXBackend(BackendBase):
         sampled: list[int] = []
         t_first = None
         rest = ids[reused:]
-        media = {"input_embeddings": self._embeddings(rest)} if min(rest) < 0 else {}
+        media = {}
+        if min(rest) < 0:
+            # Token 0 (padding) where a medium is: Gemma 4's per-layer inputs take it there.
+            media["input_embeddings"] = self._embeddings(rest)
+            spans = self._picture_spans(ids)
+            set_picture_spans(self._model, spans)
+            media["prefill_step_size"] = prefill_step([(a - reused, b - reused)
+                                                       for a, b in spans], len(rest))
         steps = generate_step(mx.array([max(t, 0) for t in rest]), self._model,
                               max_tokens=limit, sampler=sampler, logits_processors=processors,
                               prompt_cache=self._cache, **media)
@@ -362,6 +465,7 @@ class MLXBackend(BackendBase):
                 if t_first is None:
                     t_first = time.perf_counter()
                     stats.ttft_s = stats.prefill_s = t_first - t_start
+                    set_picture_spans(self._model, [])
                 sampled.append(token)
                 if token in stops:
                     stats.stop_reason, stats.stop_token = "stop", token
@@ -377,6 +481,7 @@ class MLXBackend(BackendBase):
                     break
         finally:
             steps.close()
+            set_picture_spans(self._model, [])
             # generate_step feeds each sampled token ahead of time: the cache holds exactly
             # `offset` positions of prompt + sampled tokens.
             offset = max(getattr(c, "offset", 0) for c in self._cache)

@@ -258,6 +258,16 @@ class Projector:
             pass
 
 
+def image_budget(image_tokens: int | None) -> int:
+    """Gemma 4's picture budget for ``--image-tokens`` (the default where None)."""
+    from ..errors import InvalidArgument
+
+    if image_tokens is not None and image_tokens not in IMAGE_BUDGETS:
+        raise InvalidArgument(f"invalid --image-tokens {image_tokens}: Gemma 4 takes "
+                              f"{', '.join(map(str, IMAGE_BUDGETS))}")
+    return image_tokens or IMAGE_TOKENS
+
+
 def budget_size(height: int, width: int, tokens: int, patch: int = 16,
                 pool: int = 3) -> tuple[int, int]:
     """(height, width) Gemma 4's processor gives a picture for a budget of ``tokens``: the

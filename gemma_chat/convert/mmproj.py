@@ -38,20 +38,23 @@ def has_projector(ckpt: Checkpoint) -> bool:
 
 
 def write_mlx_vision(ckpt: Checkpoint, folder: Path, dtype: str = "float16") -> Path:
-    """Add the checkpoint's vision tower and projector to an MLX folder whose text model
-    mlx-lm wrote (:mod:`gemma_chat.backends.mlx_vision`): the weights in mlx-vlm's names and
-    layouts (``vision.safetensors``), the vision settings mlx-lm leaves out of config.json,
-    and the processor's settings."""
+    """Add the checkpoint's encoders (vision tower and projector; Gemma 4's audio conformer
+    and embedders too) to an MLX folder whose text model mlx-lm wrote
+    (:mod:`gemma_chat.backends.mlx_vision`): the weights in mlx-vlm's names
+    (``vision.safetensors``; Gemma 3's patch convolution in MLX's layout, Gemma 4's left to
+    mlx-vlm's loader), the encoder settings mlx-lm leaves out of config.json, and the
+    processor's settings."""
     import json
     import shutil
 
     import mlx.core as mx
 
-    from ..backends.mlx_vision import vision_name
+    from ..backends.mlx_vision import gemma4_encoder_name, vision_name
 
+    rename = gemma4_encoder_name if ckpt.model_type == "gemma4" else vision_name
     arrays = {}
     for name, tensor in sorted(ckpt.all_tensors().items()):
-        new = vision_name(name)
+        new = rename(name)
         if new is None:
             continue
         value = Checkpoint.read(tensor, np.float32)
@@ -61,10 +64,15 @@ def write_mlx_vision(ckpt: Checkpoint, folder: Path, dtype: str = "float16") -> 
     mx.save_safetensors(str(folder / VISION_FILE), arrays, metadata={"format": "mlx"})
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    for key in ("vision_config", "mm_tokens_per_image", "boi_token_index", "eoi_token_index",
-                "image_token_index"):
+    for key in ("vision_config", "audio_config", "mm_tokens_per_image", "boi_token_index",
+                "eoi_token_index", "image_token_index", "image_token_id", "audio_token_id",
+                "boi_token_id", "eoi_token_id", "boa_token_id", "eoa_token_id"):
         if key in ckpt.config:
             config[key] = ckpt.config[key]
+    if "text_config" in config and "text_config" in ckpt.config:
+        # How pictures are attended to (Gemma 4's larger models: bidirectionally).
+        bidirectional = ckpt.config["text_config"].get("use_bidirectional_attention")
+        config["text_config"]["use_bidirectional_attention"] = bidirectional
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     for name in ("preprocessor_config.json", "processor_config.json"):
         if (ckpt.folder / name).is_file():
