@@ -233,6 +233,8 @@ def test_an_mlx_chat_keeps_the_picture_in_its_cache(vlm):
     from gemma_chat.backends.mlx import MLXBackend
 
     path = vlm.models["mlx-q8"]
+    shown = run_gemma("show", str(path))
+    assert "encoders       takes pictures (4 tokens each)" in shown.stdout, shown.stdout
     backend = MLXBackend(ResolvedModel(path.name, path, "mlx", "path"), n_ctx=512)
     convo = Conversation(backend)
     picture_ = media.load(str(vlm.pictures["yellow"]))

@@ -308,6 +308,9 @@ def g4_mlx(g4):
                        str(out), timeout=600)
     assert result.returncode == 0, result.stderr
     assert (out / "vision.safetensors").is_file()
+    shown = run_gemma("show", str(out))
+    assert "encoders       takes pictures (up to 280 tokens each; --image-tokens) and sound " \
+        "(25 tokens a second, 30 s a clip)" in shown.stdout, shown.stdout
     backend = MLXBackend(ResolvedModel("tiny-gemma4-vlm", out, "mlx", "path"), n_ctx=1024)
     yield SimpleNamespace(path=out, backend=backend)
     backend.close()

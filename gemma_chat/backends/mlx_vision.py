@@ -316,3 +316,36 @@ def load_encoders(folder: Path, config: dict, image_tokens: int):
     """The picture (and sound) encoders of an MLX model folder; None where it has none."""
     load = ENCODERS.get(config.get("model_type"))
     return load(Path(folder), config, image_tokens) if load else None
+
+
+def describe_encoders(folder: Path) -> str | None:
+    """What an MLX folder's encoders take, for ``gemma show``; None without encoders. Reads
+    only config.json and the safetensors headers."""
+    import struct
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if config.get("model_type") not in ENCODERS or not config.get("vision_config"):
+        return None
+    names: set[str] = set()
+    for path in folder.glob("*.safetensors"):
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                names |= set(json.loads(f.read(min(size, 100 * 2**20))))
+        except (OSError, ValueError, struct.error):
+            continue
+    names = {n.removeprefix("model.") for n in names}
+    if not any(n.startswith("vision_tower.") for n in names):
+        return None
+    if config["model_type"] == "gemma3":
+        return f"pictures ({int(config.get('mm_tokens_per_image') or 256)} tokens each)"
+    from .mtmd import IMAGE_TOKENS
+
+    parts = [f"pictures (up to {IMAGE_TOKENS} tokens each; --image-tokens)"]
+    if config.get("audio_config") and any(n.startswith("audio_tower.") for n in names):
+        parts.append("sound (25 tokens a second, 30 s a clip)")
+    return " and ".join(parts)

@@ -84,7 +84,8 @@ def show(
         lines += [f"model          {spec.name} ({spec.display}), {size}, "
                   f"{'instruction-tuned' if spec.instruction_tuned else 'pretrained'}",
                   f"input          {', '.join(spec.modalities)}" + (
-                      " (beyond text: on llama.cpp, with its mmproj file)"
+                      " (beyond text: with its mmproj file on llama.cpp, its encoder "
+                      "weights on MLX)"
                       if len(spec.modalities) > 1 else ""),
                   f"architecture   {spec.arch}, {spec.shape.get('layers')} layers, "
                   f"{spec.shape.get('heads')} heads / {spec.shape.get('kv_heads')} KV heads",
@@ -118,7 +119,12 @@ def show(
             if repacking:
                 lines.append(f"repacking      {repacking}")
         elif local.format == "mlx":
+            from ..backends.mlx_vision import describe_encoders
+
             lines.append(mlx_memory_line(local.path, ctx))
+            takes = describe_encoders(local.path)
+            if takes:
+                lines.append(f"encoders       takes {takes}")
     else:
         lines.append("on disk        no (`gemma pull` downloads it)")
     if arch is not None:
