@@ -119,4 +119,16 @@ def crash_message(what: str, returncode: int) -> str:
             hint = None
         if hint:
             text += f": {hint}"
+        if "GEMMA_REPACK=off" not in text and _repack_forced():
+            # Forced AMX repacking on a CPU whose tiles fault shows as SIGILL or SIGSEGV.
+            text += "; weight repacking is forced on: run with GEMMA_REPACK=off"
     return text
+
+
+def _repack_forced() -> bool:
+    try:
+        from .backends.repack import setting
+
+        return setting()[0] == "on"
+    except Exception:  # noqa: BLE001 - a bad setting is reported where it is read
+        return False

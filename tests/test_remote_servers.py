@@ -69,10 +69,15 @@ def llama_cpp_server(gguf: Path, log: Path, *extra: str) -> Served:
     template: its ``gemma`` chat format, one request at a time (a new request does not cut the
     one in progress), and flash attention as gemma-chat's llama.cpp backend uses it (without
     it the numbers differ in the last bits and a near-tie in the 270M model breaks the other
-    way)."""
+    way). On a CPU whose AMX tiles fault (Intel Xeon VMs) it would die on the first prompt, and
+    it has no switch for llama.cpp's repacking: it runs here after gemma-chat's own fallback
+    has been applied in its process."""
     port = free_port()
+    start = ("import runpy, sys; from gemma_chat.backends import repack; repack.prepare(); "
+             "sys.argv[0] = 'llama_cpp.server'; "
+             "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
     return Served("llama_cpp.server", [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--chat_format", "gemma",
+        sys.executable, "-c", start, "--model", str(gguf), "--chat_format", "gemma",
         "--n_ctx", "2048", "--flash_attn", "true", "--interrupt_requests", "false",
         "--host", "127.0.0.1", "--port", str(port), "--api_key", KEY, *extra], port, log)
 

@@ -4,6 +4,7 @@ record that answers later runs, the settings, and the real llama.cpp path on thi
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -218,5 +219,7 @@ def test_forcing_amx_on_where_it_faults_is_reported_not_a_bare_exit(gguf_path):
     result = run_gemma("bench", "-m", str(gguf_path), "-p", "64", "-n", "2", "-r", "1",
                        env={repack.ENV: "on"})
     assert result.returncode == 1
-    assert "crashed with SIGILL (illegal instruction)" in result.stderr, result.stderr
+    # The lost tile state shows as an illegal instruction, or now and then as a bad access.
+    assert re.search(r"crashed with (SIGILL \(illegal instruction\)|SIGSEGV)", result.stderr), \
+        result.stderr
     assert "GEMMA_REPACK=off" in result.stderr and "Traceback" not in result.stderr

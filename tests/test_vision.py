@@ -173,13 +173,13 @@ def test_gemma_run_names_the_colour_it_is_shown(vlm, model):
 
 
 def test_mlx_image_prompt_logits_match_transformers(vlm):
-    """MLX (mlx-lm's text model, mlx-vlm's image encoder) at every position after the picture,
-    against transformers with the picture's attention causal as MLX has it: within 1e-3 of the
-    largest logit (seen here: about 1e-5)."""
+    """MLX (mlx-lm's text model, mlx-vlm's image encoder, our masks: the picture's tokens see
+    each other) at every position after the picture, against transformers: within 1e-3 of the
+    largest logit (seen here: about 1e-5); with mlx-lm's causal masks it is far off."""
     import mlx.core as mx
     from transformers import AutoTokenizer
 
-    from gemma_chat.backends.mlx import MLXBackend
+    from gemma_chat.backends.mlx import MLXBackend, set_picture_spans
 
     tokenizer = AutoTokenizer.from_pretrained(vlm.folder)
     reference_ids = tokenizer(chat_text(), add_special_tokens=False).input_ids
@@ -195,14 +195,19 @@ def test_mlx_image_prompt_logits_match_transformers(vlm):
         ids = prompts.chat([{"role": "user", "content": media_content([item], QUESTION)}])
         assert [soft if t < 0 else t for t in ids] == reference_ids
         tokens = mx.array([[max(t, 0) for t in ids]])
-        ours = np.array(backend.model(tokens, input_embeddings=backend._embeddings(ids)[None])
-                        [0].astype(mx.float32))
-        ref = reference_logits(vlm.folder, reference_ids, pixels, bidirectional=False)
+        embeddings = backend._embeddings(ids)[None]
+        ref = reference_logits(vlm.folder, reference_ids, pixels)
         after = ids.index(min(ids)) + 4
-        err = float(np.abs(ours[after:] - ref[after:]).max())
+        errors = []
+        for spans in (backend._picture_spans(ids), []):  # ours, then mlx-lm's causal masks
+            set_picture_spans(backend.model, spans)
+            ours = np.array(backend.model(tokens, input_embeddings=embeddings)[0]
+                            .astype(mx.float32))
+            errors.append(float(np.abs(ours[after:] - ref[after:]).max()))
         scale = float(np.abs(ref[after:]).max())
-        figures.append(f"{colour}: max |diff| {err:.1e} of {scale:.1f}")
-        assert err < 1e-3 * scale, figures[-1]
+        figures.append(f"{colour}: max |diff| {errors[0]:.1e} of {scale:.1f} "
+                       f"(causal: {errors[1]:.1e})")
+        assert errors[0] < 1e-3 * scale < errors[1], figures[-1]
         text, _ = collect(backend.stream(ids, SamplingParams(temperature=0, max_tokens=4)))
         assert text == colour
     print("; ".join(figures))

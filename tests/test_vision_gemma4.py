@@ -410,8 +410,8 @@ def _mlx_logits(backend, ids: list[int], step: int) -> np.ndarray:
 
 
 def test_mlx_chat_keeps_picture_and_sound_in_its_cache(g4, g4_mlx, tmp_path):
-    """`gemma run --backend mlx --image --audio`, then a chat whose next turn evaluates only its
-    own tokens: the picture and the clip stay in the prompt cache."""
+    """`gemma run --backend mlx --image --audio`, then the chat's `/image` and `/audio`, and a
+    next turn that evaluates only its own tokens: the picture and the clip stay in the cache."""
     result = run_gemma("run", "-m", str(g4_mlx.path), "--backend", "mlx", "--chat",
                        "--image", str(g4.picture), "--audio", str(g4.sound),
                        "What do you see and hear?", "--temp", "0", "-n", "3", "--json")
@@ -419,16 +419,25 @@ def test_mlx_chat_keeps_picture_and_sound_in_its_cache(g4, g4_mlx, tmp_path):
     stats = json.loads(result.stdout)["stats"]
     assert stats["prompt_tokens"] > 256 + 50 and stats["generated_tokens"] >= 1
 
+    import io
+
+    from gemma_chat.repl import ChatApp, PlainRenderer
+
     backend = g4_mlx.backend
     backend.trim_cache(0)
-    convo = Conversation(backend)
-    sound, picture = media.load(str(g4.sound)), media.load(str(g4.picture))
-    collect(convo.send("What is this?", SamplingParams(temperature=0, max_tokens=3),
-                       media=[picture, sound]))
+    notes: list[str] = []
+    app = ChatApp(backend, Conversation(backend), SamplingParams(temperature=0, max_tokens=3),
+                  renderer=PlainRenderer(io.StringIO()), note=notes.append)
+    app.handle(f"/image {g4.picture}")
+    app.handle(f"/audio {g4.sound}")
+    assert "attached tone.wav (2.0 s of audio)" in notes[-1] and "2 attached" in app.toolbar()
+    app.handle("What is this?")
+    convo = app.conversation
+    assert [m.kind for m in convo.exchanges[0].media] == ["image", "audio"]
     prompt = convo.ids_for(convo.exchanges, "And now?")
     held = common_prefix(backend.cached_tokens, prompt)
     assert held > max(i for i, t in enumerate(prompt) if t < 0)  # both still in the cache
-    collect(convo.send("And now?", SamplingParams(temperature=0, max_tokens=3)))
+    app.handle("And now?")
     assert convo.last_stats.prompt_eval_tokens == len(prompt) - held < 40
 
 

@@ -147,7 +147,32 @@ def add_gemma2_sliding_window(model, window: int) -> None:
                                 for i in range(len(model.layers))]
 
 
-class _PictureAttention:
+def picture_mask(h, c, spans, window: int | None = None):
+    """The attention mask of one layer for the tokens ``h`` after cache ``c``, where a
+    picture's tokens also see each other (within ``window`` when given); None when no query
+    is in a picture (the layer's own mask then stands)."""
+    from mlx_lm.models.base import create_attention_mask
+
+    n = h.shape[1]
+    if n == 1 or h.shape[0] != 1 or not spans:
+        return None
+    base_mask = create_attention_mask(h, c, window_size=window, return_array=True)
+    offset = c.offset if c is not None else 0
+    size = base_mask.shape[-1]
+    # The keys are the last `size` positions, in order (mlx-lm puts a rotating cache in
+    # temporal order before it adds more than one token).
+    queries = np.arange(offset, offset + n)
+    keys = np.arange(offset + n - size, offset + n)
+    block_q, block_k = _blocks(queries, spans), _blocks(keys, spans)
+    same = (block_q[:, None] == block_k[None, :]) & (block_q[:, None] >= 0)
+    if window:
+        same &= keys[None, :] > queries[:, None] - window
+    if not same.any():
+        return None
+    return base_mask | mx.array(same).reshape(base_mask.shape)
+
+
+class _PictureAttentionGemma4:
     """mlx-lm's Gemma 4 body with the larger models' attention over pictures: in the
     sliding-window layers, a picture's tokens see each other (and, as ever, what came before
     within the window); the global layers stay causal, as in Hugging Face's Gemma 4. mlx-lm 0.32
@@ -158,29 +183,41 @@ class _PictureAttention:
     picture_spans: tuple[tuple[int, int], ...] = ()
 
     def _make_masks(self, h, cache):
-        from mlx_lm.models.base import create_attention_mask
-
         masks = super()._make_masks(h, cache)
-        n = h.shape[1]
-        if n == 1 or h.shape[0] != 1 or not self.picture_spans:
-            return masks
         sliding = [i for i, layer in enumerate(self.layers)
                    if layer.layer_type == "sliding_attention"]
         if not sliding:
             return masks
-        c = cache[sliding[0]]
-        base_mask = create_attention_mask(h, c, window_size=self.window_size, return_array=True)
-        offset = c.offset if c is not None else 0
-        size = base_mask.shape[-1]
-        queries = np.arange(offset, offset + n)
-        keys = np.arange(offset + n - size, offset + n)
-        block_q, block_k = _blocks(queries, self.picture_spans), _blocks(keys, self.picture_spans)
-        same = (block_q[:, None] == block_k[None, :]) & (block_q[:, None] >= 0) & \
-            (keys[None, :] > queries[:, None] - self.window_size)
-        if not same.any():
+        mask = picture_mask(h, cache[sliding[0]], self.picture_spans, self.window_size)
+        if mask is None:
             return masks
-        overlaid = base_mask | mx.array(same).reshape(base_mask.shape)
-        return [overlaid if i in sliding else m for i, m in enumerate(masks)]
+        return [mask if i in sliding else m for i, m in enumerate(masks)]
+
+
+class _PictureAttentionGemma3:
+    """mlx-lm's Gemma 3 body with Gemma 3's attention over pictures: a picture's tokens see
+    each other in every layer, as in Hugging Face's Gemma 3 and llama.cpp (mlx-lm and mlx-vlm
+    attend causally). The body is mlx-lm 0.32's, with the masks made here."""
+
+    picture_spans: tuple[tuple[int, int], ...] = ()
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        pattern = self.sliding_window_pattern
+        full = picture_mask(h, cache[pattern - 1], self.picture_spans)
+        if full is None:
+            return super().__call__(inputs, cache, input_embeddings)
+        local = picture_mask(h, cache[0], self.picture_spans, self.window_size) \
+            if pattern > 1 else None
+        h = h * mx.array(self.args.hidden_size ** 0.5, mx.bfloat16).astype(h.dtype)
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            h = layer(h, full if i % pattern == pattern - 1 else local, c)
+        return self.norm(h)
+
+
+_PICTURE_ATTENTION = {"gemma3": _PictureAttentionGemma3, "gemma4": _PictureAttentionGemma4}
 
 
 def _blocks(positions: np.ndarray, spans) -> np.ndarray:
@@ -195,16 +232,17 @@ def _text_body(model):
     return model.language_model.model if hasattr(model, "language_model") else model.model
 
 
-def add_picture_attention(model) -> None:
-    """Give a loaded mlx-lm Gemma 4 model its attention over pictures (see above)."""
+def add_picture_attention(model, arch: str) -> None:
+    """Give a loaded mlx-lm Gemma 3 or 4 model its attention over pictures (see above)."""
     body = _text_body(model)
-    body.__class__ = type("PictureAttentionGemma4", (_PictureAttention, type(body)), {})
+    mixin = _PICTURE_ATTENTION[arch]
+    body.__class__ = type(mixin.__name__.lstrip("_"), (mixin, type(body)), {})
 
 
 def set_picture_spans(model, spans: list[tuple[int, int]]) -> None:
     """Tell a model with :func:`add_picture_attention` where the pictures are."""
     body = _text_body(model)
-    if isinstance(body, _PictureAttention):
+    if isinstance(body, tuple(_PICTURE_ATTENTION.values())):
         # A plain attribute: an MLX module would hold a list as a child of its tree.
         object.__setattr__(body, "picture_spans", tuple(spans))
 
@@ -298,7 +336,7 @@ class MLXBackend(BackendBase):
 
         self._vision = load_encoders(path, config, image_budget(image_tokens))
         if getattr(self._vision, "bidirectional", False):
-            add_picture_attention(self._model)
+            add_picture_attention(self._model, arch)
         self._media: dict[int, tuple[object, int]] = {}  # key -> (media, n_tokens)
         self._n_ctx = n_ctx
         self._cache = make_prompt_cache(self._model)

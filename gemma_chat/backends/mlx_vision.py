@@ -14,8 +14,8 @@ prepared as the Hugging Face processor does (squashed to the tower's square inpu
 then normalized with the processor's mean and std), encoded, pooled and projected; its features
 take the places of the image's soft tokens in the prompt's input embeddings, divided by
 ``sqrt(hidden_size)`` of the text model because mlx-lm's Gemma 3 multiplies every input
-embedding by it (Hugging Face scales only the token embeddings). Attention over the picture is
-causal here, as in mlx-vlm (Hugging Face and llama.cpp let its tokens see each other).
+embedding by it (Hugging Face scales only the token embeddings). A picture's tokens see each
+other, as in Hugging Face and llama.cpp (mlx-vlm attends causally): the MLX backend's masks.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Gemma3Vision:
     """The vision tower and projector of one Gemma 3 model folder."""
 
     kinds = ("image",)
-    bidirectional = False  # see the module's docstring
+    bidirectional = True  # a picture's tokens see each other (gemma_chat.backends.mlx)
 
     def __init__(self, tower, projector, config: dict, processor: dict):
         import mlx.core as mx
