@@ -184,6 +184,8 @@ class _PictureAttentionGemma4:
 
     def _make_masks(self, h, cache):
         masks = super()._make_masks(h, cache)
+        if h.shape[1] == 1 or not self.picture_spans:  # decoding, or no picture: as mlx-lm
+            return masks
         sliding = [i for i, layer in enumerate(self.layers)
                    if layer.layer_type == "sliding_attention"]
         if not sliding:
@@ -270,8 +272,10 @@ def prefill_step(spans: Sequence[tuple[int, int]], n: int, step: int = 2048) -> 
     def whole(size: int) -> bool:
         return all(not any(a < k < b for k in range(size, n - 1, size)) for a, b in inside)
 
-    return next((size for size in range(step, 0, -1) if whole(size)),
-                next((size for size in range(step + 1, n) if whole(size)), max(n, 1)))
+    for size in [*range(step, 0, -1), *range(step + 1, n)]:
+        if whole(size):
+            return size
+    return max(n, 1)
 
 
 def _generation_config(path: Path) -> dict[str, float]:
